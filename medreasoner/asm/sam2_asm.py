@@ -1,0 +1,179 @@
+"""SAM2 / MedSAM2 through the PyPI ``sam2`` package: box + both key points, best of 3 masks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medreasoner.asm.base import ASM, SegmentResult, check_prompts
+from medreasoner.errors import ModelLoadError
+from medreasoner.geometry import Box, Point
+from medreasoner.registry import ASMS
+
+log = logging.getLogger(__name__)
+
+MEDSAM2_REPO, MEDSAM2_FILE = "wanglab/MedSAM2", "MedSAM2_latest.pt"
+SAM2_VARIANTS = {  # variant -> (packaged config, hub repo, file)
+    "tiny": ("configs/sam2.1/sam2.1_hiera_t.yaml", "facebook/sam2.1-hiera-tiny", "sam2.1_hiera_tiny.pt"),
+    "small": ("configs/sam2.1/sam2.1_hiera_s.yaml", "facebook/sam2.1-hiera-small", "sam2.1_hiera_small.pt"),
+    "base_plus": ("configs/sam2.1/sam2.1_hiera_b+.yaml", "facebook/sam2.1-hiera-base-plus",
+                  "sam2.1_hiera_base_plus.pt"),
+    "large": ("configs/sam2.1/sam2.1_hiera_l.yaml", "facebook/sam2.1-hiera-large", "sam2.1_hiera_large.pt"),
+}
+# What sam2.build_sam2(apply_postprocessing=True) switches on for image prediction.
+POSTPROCESSING = {
+    "dynamic_multimask_via_stability": True,
+    "dynamic_multimask_stability_delta": 0.05,
+    "dynamic_multimask_stability_thresh": 0.98,
+}
+
+
+def medsam2_config_path() -> Path:
+    return Path(str(resources.files("medreasoner") / "configs" / "medsam2_hiera_t512.yaml"))
+
+
+def packaged_sam2_config(name: str) -> Path:
+    import sam2
+
+    return Path(sam2.__file__).parent / name
+
+
+def resolve_checkpoint(checkpoint: str | None, default_repo: str, default_file: str) -> str:
+    """A local file, ``repo_id:filename``, a bare repo id (default file), or None -> the default."""
+    if checkpoint and Path(checkpoint).expanduser().is_file():
+        return str(Path(checkpoint).expanduser())
+    if checkpoint and (checkpoint.startswith((".", "/", "~")) or checkpoint.endswith((".pt", ".pth"))
+                       and ":" not in checkpoint):
+        raise ModelLoadError(f"ASM checkpoint not found: {checkpoint}")
+    repo, _, fname = (checkpoint or f"{default_repo}:{default_file}").partition(":")
+    fname = fname or default_file
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo, fname)
+    except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth: all mean "not available"
+        raise ModelLoadError(
+            f"ASM weights {repo}:{fname} are not available locally and could not be downloaded ({exc}). "
+            f"Download {fname} once and pass its path with --asm-checkpoint, or use --asm litemedsam."
+        ) from exc
+
+
+def build_sam2_model(config: Path, checkpoint: str | None, device: str = "cpu"):
+    """Instantiate a SAM2 model from a YAML file and load a checkpoint safely (weights only).
+
+    Sets ``model.medreasoner_tiny`` when the checkpoint was written by ``make-tiny``.
+    """
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(str(config))
+    extra = cfg.model.get("sam_mask_decoder_extra_args") or {}
+    cfg.model.sam_mask_decoder_extra_args = OmegaConf.merge(OmegaConf.create(dict(extra)), POSTPROCESSING)
+    model = instantiate(cfg.model, _recursive_=True)
+    model.medreasoner_tiny = checkpoint is None
+    if checkpoint is not None:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"cannot read SAM2 checkpoint {checkpoint}: {exc}") from exc
+        if isinstance(state, dict) and "model" in state:
+            model.medreasoner_tiny = bool(state.get("medreasoner_tiny_test_model", False))
+            state = state["model"]
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"checkpoint {checkpoint} does not fit config {Path(config).name}: "
+                                 f"{str(exc)[:400]}") from exc
+    return model.to(device).eval()
+
+
+class SAM2ASM(ASM):
+    def __init__(self, name: str, config: Path, checkpoint: str | None, device: str | None = "auto",
+                 batch_size: int = 8, multimask: bool = True):
+        import torch
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        from medreasoner.devices import resolve_device
+
+        self.name = name
+        self.config = Path(config)
+        self.checkpoint = checkpoint or "(random init)"
+        self.device = resolve_device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.multimask = multimask
+        model = build_sam2_model(self.config, checkpoint, str(self.device))
+        self.is_tiny = model.medreasoner_tiny
+        self.predictor = SAM2ImagePredictor(model)
+        # sam2's predictor assumes 1024-pixel inputs; derive the backbone grid from image_size.
+        hr = model.image_size // 4
+        self.predictor._bb_feat_sizes = [(hr >> k, hr >> k) for k in range(3)]
+        self._torch = torch
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "config": self.config.name, "device": str(self.device),
+                "image_size": int(self.predictor.model.image_size)}
+
+    def _autocast(self):
+        torch = self._torch
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence[Box],
+                      points: Sequence[Sequence[Point] | None]) -> list[SegmentResult]:
+        results: list[SegmentResult] = []
+        for s in range(0, len(images), self.batch_size):
+            results.extend(self._chunk(images[s:s + self.batch_size], boxes[s:s + self.batch_size],
+                                       points[s:s + self.batch_size]))
+        return results
+
+    def _chunk(self, images, boxes, points) -> list[SegmentResult]:
+        torch = self._torch
+        imgs = [np.ascontiguousarray(im, dtype=np.uint8) for im in images]
+        for im, b in zip(imgs, boxes):
+            check_prompts(im, b)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self._autocast():
+            self.predictor.set_image_batch(imgs)
+            t1 = time.perf_counter()
+            coords = [np.asarray(p, np.float32) if p else None for p in points]
+            labels = [np.ones(len(p), np.int32) if p else None for p in points]
+            masks, scores, _ = self.predictor.predict_batch(
+                point_coords_batch=coords, point_labels_batch=labels,
+                box_batch=[np.asarray(b, np.float32) for b in boxes], multimask_output=self.multimask)
+        t2 = time.perf_counter()
+        n = len(imgs)
+        out = []
+        for m, sc, p in zip(masks, scores, points):
+            m, sc = np.asarray(m), np.atleast_1d(np.asarray(sc, dtype=np.float32))
+            m = m.reshape(-1, *m.shape[-2:])
+            best = int(np.argmax(sc))
+            out.append(SegmentResult(m[best] > 0, float(sc[best]), "box+points" if p else "box",
+                                     {"encode": (t1 - t0) / n, "decode": (t2 - t1) / n}))
+        return out
+
+
+@ASMS.register("medsam2", help="MedSAM2 (SAM2.1 Hiera-T, 512 px); checkpoint path or wanglab/MedSAM2")
+def make_medsam2(checkpoint: str | None = None, device: str | None = "auto", batch_size: int = 8,
+                 random_init: bool = False, **_: Any) -> SAM2ASM:
+    ckpt = None if random_init else resolve_checkpoint(checkpoint, MEDSAM2_REPO, MEDSAM2_FILE)
+    return SAM2ASM("medsam2", medsam2_config_path(), ckpt, device, batch_size)
+
+
+@ASMS.register("sam2", help="SAM 2.1 (variant tiny/small/base_plus/large); checkpoint path or facebook/sam2.1-*")
+def make_sam2(checkpoint: str | None = None, variant: str = "tiny", device: str | None = "auto",
+              batch_size: int = 8, random_init: bool = False, **_: Any) -> SAM2ASM:
+    if variant not in SAM2_VARIANTS:
+        raise ValueError(f"unknown SAM2 variant {variant!r}; choose from {', '.join(SAM2_VARIANTS)}")
+    cfg, repo, fname = SAM2_VARIANTS[variant]
+    ckpt = None if random_init else resolve_checkpoint(checkpoint, repo, fname)
+    return SAM2ASM("sam2", packaged_sam2_config(cfg), ckpt, device, batch_size)

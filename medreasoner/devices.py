@@ -1,0 +1,26 @@
+"""Device and dtype choices shared by every model wrapper."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def default_dtype(device: torch.device, dtype: str | torch.dtype | None = "auto") -> torch.dtype:
+    """bf16 on GPUs that support it (fp16 on older ones), fp32 on CPU unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "", "auto"):
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[str(dtype)]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32

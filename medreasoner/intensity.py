@@ -1,0 +1,95 @@
+"""Bring any 2D image (8/16-bit grey, RGB, RGBA, float, HU) to the 8-bit RGB the models expect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Robust range for images without a known window (MedSAM's recipe for MR and friends).
+LOW_PERCENTILE = 0.5
+HIGH_PERCENTILE = 99.5
+
+
+@dataclass(frozen=True)
+class Window:
+    center: float
+    width: float
+
+    @property
+    def low(self) -> float:
+        return self.center - self.width / 2.0
+
+    @property
+    def high(self) -> float:
+        return self.center + self.width / 2.0
+
+
+def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
+        return np.zeros(values.shape, np.uint8)
+    out = (np.clip(values, low, high) - low) * (255.0 / (high - low))
+    return np.rint(out).astype(np.uint8)
+
+
+def scale_to_uint8(values: np.ndarray, window: Window | None = None) -> tuple[np.ndarray, str]:
+    """Scale one channel to uint8 by a window, or by robust percentiles of the finite values."""
+    values = np.asarray(values, dtype=np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = np.where(finite, values, np.nan)
+    if window is not None:
+        out = _scale(np.nan_to_num(values, nan=window.low), window.low, window.high)
+        return out, f"window center {window.center:g} width {window.width:g}"
+    vals = values[finite]
+    if vals.size == 0:
+        return np.zeros(values.shape, np.uint8), "no finite values: black image"
+    lo, hi = np.percentile(vals, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if hi <= lo:
+        lo, hi = float(vals.min()), float(vals.max())
+    if hi <= lo:  # constant image
+        return np.full(values.shape, 0, np.uint8), "constant image"
+    out = _scale(np.nan_to_num(values, nan=lo), float(lo), float(hi))
+    return out, f"percentiles {LOW_PERCENTILE}-{HIGH_PERCENTILE} ({lo:g}..{hi:g})"
+
+
+def to_rgb_uint8(pixels: np.ndarray, window: Window | None = None) -> tuple[np.ndarray, str]:
+    """Return (H, W, 3) uint8 and a short description of what was done to the intensities."""
+    a = np.asarray(pixels)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        if a.dtype == np.bool_:
+            g, how = a.astype(np.uint8) * 255, "binary"
+        elif a.dtype == np.uint8 and window is None:
+            g, how = a, "8-bit grey"
+        else:
+            g, how = scale_to_uint8(a, window)
+        return np.repeat(g[..., None], 3, axis=2), how
+    if a.ndim != 3 or a.shape[-1] not in (2, 3, 4):
+        raise ValueError(f"expected a 2D grey or colour image, got array of shape {a.shape}")
+    colour = a[..., :3] if a.shape[-1] >= 3 else np.repeat(a[..., :1], 3, axis=2)
+    alpha = a[..., -1] if a.shape[-1] in (2, 4) else None
+    if colour.dtype == np.uint8:
+        rgb, how = colour, "8-bit colour"
+    elif np.issubdtype(colour.dtype, np.integer) and colour.max(initial=0) > 255:
+        rgb, how = (colour.astype(np.uint32) >> 8).astype(np.uint8), "16-bit colour to 8-bit"
+    elif np.issubdtype(colour.dtype, np.integer):
+        rgb, how = colour.astype(np.uint8), "8-bit colour"
+    else:
+        f = colour.astype(np.float32)
+        fin = f[np.isfinite(f)]
+        if fin.size and fin.min() >= 0 and fin.max() <= 1.0:
+            rgb, how = np.rint(np.nan_to_num(f) * 255).astype(np.uint8), "float 0-1 colour"
+        else:
+            rgb, how = scale_to_uint8(f, window)
+            how = "float colour, " + how
+    if alpha is not None:
+        amax = 255.0 if alpha.dtype == np.uint8 else float(max(alpha.max(initial=0), 1))
+        w = alpha.astype(np.float32)[..., None] / amax
+        if (w < 1).any():  # composite on black: what a viewer shows for a transparent PNG
+            rgb = np.rint(rgb.astype(np.float32) * w).astype(np.uint8)
+            how += ", alpha composited on black"
+        else:
+            how += ", opaque alpha dropped"
+    return np.ascontiguousarray(rgb), how
