@@ -6,6 +6,7 @@ only when torchvision's C extension fails to load. torchvision registers fake ke
 import raises. Defining the two op schemas (no kernels) first lets ``import torchvision``
 succeed; ``torchvision.ops.nms`` then raises as in any build without the extension.
 """
+import contextlib
 import importlib.abc
 import importlib.util
 import os
@@ -39,10 +40,8 @@ class _BeforeTorchvision(importlib.abc.MetaPathFinder):
         if fullname != "torchvision":
             return None
         sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
-        try:
+        with contextlib.suppress(Exception):  # must never break the import it precedes
             _define_missing_ops()
-        except Exception:  # noqa: BLE001 - must never break the import it precedes
-            pass
         return None
 
 

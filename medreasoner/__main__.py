@@ -1,0 +1,5 @@
+import sys
+
+from medreasoner.cli import main
+
+sys.exit(main())

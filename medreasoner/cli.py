@@ -1,0 +1,220 @@
+"""``medreasoner`` command line: ground, make-tiny, models.
+
+Exit codes: 0 success; 2 bad input; 3 a model could not be loaded; 4 the CRM found no target for
+at least one image (an empty mask and the reason are written); 130 cancelled (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_NO_TARGET, EXIT_CANCELLED = 0, 2, 3, 4, 130
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from medreasoner.crm.base import DEFAULT_CRM
+
+    p.add_argument("--crm", default=DEFAULT_CRM, help=f"CRM folder or hub id (default {DEFAULT_CRM})")
+    p.add_argument("--crm-backend", default="transformers", help="CRM backend name (default transformers)")
+    p.add_argument("--asm", default="litemedsam", help="ASM name: litemedsam, medsam2, sam2 (default litemedsam)")
+    p.add_argument("--asm-checkpoint", default=None, help="ASM weights: a file, or hub 'repo:file'")
+    p.add_argument("--prompt", choices=["reasoning", "direct"], default="reasoning")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square side the CRM sees (default: the checkpoint's, 840 for MedReasoner)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=4, help="images per CRM/ASM batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code shipped with the checkpoint to run (off by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medreasoner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("ground", help="segment what an implicit question refers to in 2D image(s)")
+    g.add_argument("--image", action="append", required=True,
+                   help="2D image (PNG/JPEG/TIFF/BMP, DICOM, .npy); repeat for several")
+    g.add_argument("--query", required=True, help="the clinical question")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--window", default=None, help="intensity window 'center,width' (e.g. 40,400)")
+    g.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                   help="progress display; 'json' prints one JSON line per step on stderr")
+    _add_model_args(g)
+
+    t = sub.add_parser("make-tiny", help="write tiny offline test models (Qwen2.5-VL CRM + SAM2 ASM)")
+    t.add_argument("out", help="folder for crm/ and tiny_sam2.pt")
+    t.add_argument("--format-steps", type=int, default=150,
+                   help="teacher-forced steps so the tiny CRM answers in format (0: purely random)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-sam2", action="store_true", help="skip the SAM2 checkpoint")
+
+    sub.add_parser("models", help="list the registered CRM backends and ASMs")
+    return parser
+
+
+def _parse_window(text: str | None):
+    from medreasoner.errors import InputError
+    from medreasoner.intensity import Window
+
+    if not text:
+        return None
+    try:
+        c, w = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise InputError(f"--window must be 'center,width', got {text!r}") from exc
+    if w <= 0:
+        raise InputError(f"--window width must be positive, got {w:g}")
+    return Window(c, w)
+
+
+def _output_paths(images: list[Path], out: Path) -> list[dict[str, Path]]:
+    seen: dict[str, int] = {}
+    paths = []
+    for p in images:
+        stem = p.name.split(".")[0] or "image"
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        if n:
+            stem = f"{stem}_{n}"
+        paths.append({k: out / f"{stem}_{k}.{ext}" for k, ext in
+                      (("mask", "png"), ("result", "json"), ("overlay", "png"))})
+    return paths
+
+
+def _progress(kind: str, total: int):
+    if kind == "json":
+        def report(stage, done, n):
+            print(json.dumps({"stage": stage, "done": done, "total": n}), file=sys.stderr, flush=True)
+        return report, None
+    if kind == "bar":
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="grounding", unit="img")
+
+        def report(stage, done, n):
+            bar.n = done
+            bar.refresh()
+        return report, bar
+    return None, None
+
+
+def cmd_ground(args) -> int:
+    import numpy as np
+
+    from medreasoner.asm import load_asm
+    from medreasoner.crm import GenerationConfig, load_crm
+    from medreasoner.images import load_image
+    from medreasoner.outputs import guard_outputs, json_bytes, png_bytes, write_all
+    from medreasoner.overlay import draw_overlay
+    from medreasoner.pipeline import TINY_WARNING, GroundingPipeline, check_query
+
+    query = check_query(args.query)
+    window = _parse_window(args.window)
+    images = [load_image(p, window=window) for p in args.image]  # all inputs checked before models load
+    in_paths = [Path(p) for p in args.image]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        from medreasoner.errors import InputError
+
+        raise InputError(f"--out {out} exists and is not a folder")
+    targets = _output_paths(in_paths, out)
+    guard_outputs([p for t in targets for p in t.values()], in_paths)
+
+    crm_kwargs = {"device": args.device, "batch_size": args.batch_size,
+                  "trust_remote_code": args.trust_remote_code,
+                  "generation": GenerationConfig(max_new_tokens=args.max_new_tokens)}
+    if args.image_size:
+        crm_kwargs["image_size"] = args.image_size
+    crm = load_crm(args.crm, backend=args.crm_backend, **crm_kwargs)
+    asm = load_asm(args.asm, checkpoint=args.asm_checkpoint, device=args.device, batch_size=args.batch_size)
+    pipe = GroundingPipeline(crm, asm, prompt=args.prompt, batch_size=args.batch_size)
+
+    cancel = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop between batches; write nothing partial
+        signal.signal(sig, lambda *_: cancel.set())
+    report, bar = _progress(args.progress, len(images))
+    try:
+        results = pipe.run([im.rgb for im in images], [query] * len(images), progress=report, cancel=cancel)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    files: dict[Path, bytes] = {}
+    summary = []
+    for im, res, paths in zip(images, results, targets):
+        record = res.to_dict()
+        record.update(input=im.path, intensity=im.intensity, input_metadata=im.metadata,
+                      outputs={k: str(v) for k, v in paths.items()})
+        banner = TINY_WARNING if TINY_WARNING in res.warnings else ""
+        title = f"Q: {query}  [{res.status}]" + (f" - {res.message}" if res.message else "")
+        overlay = draw_overlay(im.rgb, res.mask, res.answer.box, res.answer.points, title=title,
+                               text=res.answer.think or res.completion, banner=banner)
+        files[paths["mask"]] = png_bytes((res.mask.astype(np.uint8) * 255))
+        files[paths["result"]] = json_bytes(record)
+        files[paths["overlay"]] = png_bytes(overlay)
+        summary.append({"input": im.path, "status": res.status, **{k: str(v) for k, v in paths.items()}})
+    write_all(files)
+
+    for res, s in zip(results, summary):
+        for w in res.warnings:
+            print(f"WARNING: {w}", file=sys.stderr)
+        line = f"{s['input']}: {s['status']}"
+        if not res.ok:
+            line += f" - {res.message}"
+        print(line, file=sys.stderr)
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK if all(r.ok for r in results) else EXIT_NO_TARGET
+
+
+def cmd_make_tiny(args) -> int:
+    from medreasoner.tiny import build_tiny_crm, build_tiny_sam2
+
+    out = Path(args.out)
+    crm = build_tiny_crm(out / "crm", format_steps=args.format_steps, seed=args.seed)
+    print(f"tiny CRM (TINY TEST MODEL, meaningless answers): {crm}")
+    if not args.no_sam2:
+        sam = build_tiny_sam2(out / "tiny_sam2.pt", seed=args.seed)
+        print(f"tiny SAM2 checkpoint (random weights, use with --asm medsam2 --asm-checkpoint): {sam}")
+    return EXIT_OK
+
+
+def cmd_models(_args) -> int:
+    from medreasoner.asm import asm_names  # noqa: F401 - imports register the ASMs
+    from medreasoner.crm import qwen_vl  # noqa: F401
+    from medreasoner.registry import ASMS, CRMS
+
+    print(json.dumps({"crm_backends": CRMS.describe(), "asms": ASMS.describe()}, indent=2))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medreasoner.errors import CancelledError, InputError, ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handler = {"ground": cmd_ground, "make-tiny": cmd_make_tiny, "models": cmd_models}[args.command]
+    try:
+        return handler(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except (ModelLoadError, KeyError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except CancelledError as exc:
+        print(f"cancelled: {exc}; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
