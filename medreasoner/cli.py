@@ -158,7 +158,7 @@ def cmd_ground(args) -> int:
         title = f"Q: {query}  [{res.status}]" + (f" - {res.message}" if res.message else "")
         overlay = draw_overlay(im.rgb, res.mask, res.answer.box, res.answer.points, title=title,
                                text=res.answer.think or res.completion, banner=banner)
-        files[paths["mask"]] = png_bytes((res.mask.astype(np.uint8) * 255))
+        files[paths["mask"]] = png_bytes(res.mask.astype(np.uint8) * 255)
         files[paths["result"]] = json_bytes(record)
         files[paths["overlay"]] = png_bytes(overlay)
         summary.append({"input": im.path, "status": res.status, **{k: str(v) for k, v in paths.items()}})

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny offline models (built once per session) and real images from packages."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def no_internet(monkeypatch):
+    """Everything must work offline: any connection outside loopback fails the test."""
+    real = socket.socket.connect
+
+    def guarded(self, addr):
+        host = addr[0] if isinstance(addr, tuple) else addr
+        if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("/"):
+            raise AssertionError(f"test tried to reach the network: {addr}")
+        return real(self, addr)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{'format': CRM folder that answers in format, 'random': untrained CRM, 'sam2': checkpoint}."""
+    from medreasoner.tiny import build_tiny_crm, build_tiny_sam2
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "format": str(build_tiny_crm(root / "crm_format", format_steps=150)),
+        "random": str(build_tiny_crm(root / "crm_random", format_steps=0)),
+        "sam2": str(build_tiny_sam2(root / "tiny_sam2.pt")),
+    }
+
+
+@pytest.fixture(scope="session")
+def ct_path() -> str:
+    from pydicom.data import get_testdata_file
+
+    return get_testdata_file("CT_small.dcm")
+
+
+@pytest.fixture(scope="session")
+def ct_image(ct_path):
+    from medreasoner.images import load_image
+
+    return load_image(ct_path)
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    from medreasoner.asm import load_asm
+
+    return load_asm("litemedsam", device="cpu")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
