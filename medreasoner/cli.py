@@ -28,7 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="square side the CRM sees (default: the checkpoint's, 840 for MedReasoner)")
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4, help="images per CRM/ASM batch")
+    p.add_argument("--batch-size", type=int, default=4, help="images per CRM batch")
+    p.add_argument("--asm-batch-size", type=int, default=None,
+                   help="images per ASM encoder batch (default: 8 on GPU, 1 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow code shipped with the checkpoint to run (off by default)")
@@ -135,7 +137,8 @@ def cmd_ground(args) -> int:
     if args.image_size:
         crm_kwargs["image_size"] = args.image_size
     crm = load_crm(args.crm, backend=args.crm_backend, **crm_kwargs)
-    asm = load_asm(args.asm, checkpoint=args.asm_checkpoint, device=args.device, batch_size=args.batch_size)
+    asm = load_asm(args.asm, checkpoint=args.asm_checkpoint, device=args.device,
+                   batch_size=args.asm_batch_size)
     pipe = GroundingPipeline(crm, asm, prompt=args.prompt, batch_size=args.batch_size)
 
     cancel = threading.Event()

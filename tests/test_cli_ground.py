@@ -1,0 +1,134 @@
+"""`medreasoner ground` end to end, and what it does with bad input."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medreasoner.cli import EXIT_INPUT, EXIT_MODEL, EXIT_NO_TARGET, EXIT_OK, main
+from medreasoner.errors import CancelledError, InputError
+from medreasoner.pipeline import TINY_WARNING, GroundingPipeline
+
+QUERY = "Which organ would explain this patient's jaundice?"
+
+
+def _ground(tiny, image, out, *extra, crm="format"):
+    return main(["ground", "--image", str(image), "--query", QUERY, "--crm", tiny[crm], "--asm", "litemedsam",
+                 "--max-new-tokens", "120", "--device", "cpu", "--progress", "none", "--out", str(out), *extra])
+
+
+def test_dicom_end_to_end(tiny_models, ct_path, tmp_path, capsys):
+    assert _ground(tiny_models, ct_path, tmp_path / "out") == EXIT_OK
+    out = tmp_path / "out"
+    mask = np.asarray(Image.open(out / "CT_small_mask.png"))
+    assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
+    rec = json.loads((out / "CT_small_result.json").read_text())
+    assert rec["status"] == "ok" and rec["answer_status"] == "ok"
+    assert rec["reasoning"] and len(rec["box"]) == 4 and len(rec["points"]) == 2
+    assert rec["crm"]["model"] == tiny_models["format"] and rec["crm"]["tiny_test_model"] is True
+    assert rec["asm"]["name"] == "litemedsam" and rec["mask_area_px"] == int((mask > 0).sum())
+    assert TINY_WARNING in rec["warnings"]
+    x1, y1, x2, y2 = rec["box"]
+    ys, xs = np.nonzero(mask)
+    assert xs.min() >= int(x1) - 1 and xs.max() <= x2 + 1 and ys.min() >= int(y1) - 1 and ys.max() <= y2 + 1
+    overlay = Image.open(out / "CT_small_overlay.png")
+    assert overlay.width > 128 and overlay.height >= 128
+    err = capsys.readouterr().err
+    assert "TINY TEST MODEL" in err
+
+
+def test_png_inputs_keep_their_size(tiny_models, ct_image, tmp_path):
+    a = tmp_path / "wide.png"
+    Image.fromarray(np.asarray(ct_image.rgb[:90, :, 0], np.uint16) * 200).save(a)  # 16-bit, 90x128
+    assert _ground(tiny_models, a, tmp_path / "o") == EXIT_OK
+    assert np.asarray(Image.open(tmp_path / "o" / "wide_mask.png")).shape == (90, 128)
+
+
+def test_no_box_gives_exit_4_empty_mask_and_reason(tiny_models, ct_path, tmp_path):
+    assert _ground(tiny_models, ct_path, tmp_path / "o", "--max-new-tokens", "16", crm="random") == EXIT_NO_TARGET
+    rec = json.loads((tmp_path / "o" / "CT_small_result.json").read_text())
+    assert rec["status"] == "no_target" and rec["answer_status"] == "no_answer"
+    assert "no usable box" in rec["message"]
+    assert np.asarray(Image.open(tmp_path / "o" / "CT_small_mask.png")).max() == 0
+
+
+@pytest.mark.parametrize("query", ["", "   \n\t"])
+def test_empty_query(tiny_models, ct_path, tmp_path, query, capsys):
+    rc = main(["ground", "--image", ct_path, "--query", query, "--crm", tiny_models["format"], "--out", str(tmp_path / "o")])
+    assert rc == EXIT_INPUT and "query is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_and_non_image_files_write_nothing(tiny_models, tmp_path, capsys):
+    bad = tmp_path / "report.txt"
+    bad.write_text("not an image")
+    for image, msg in [(tmp_path / "nope.png", "not found"), (bad, "cannot read")]:
+        rc = _ground(tiny_models, image, tmp_path / "o")
+        assert rc == EXIT_INPUT and msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_size_image(tiny_models, tmp_path, capsys):
+    p = tmp_path / "z.npy"
+    np.save(p, np.zeros((0, 5), np.uint8))
+    assert _ground(tiny_models, p, tmp_path / "o") == EXIT_INPUT
+    assert "zero size" in capsys.readouterr().err
+
+
+def test_never_writes_over_the_input(tiny_models, tmp_path, ct_image, capsys):
+    first, second = tmp_path / "scan.png", tmp_path / "scan_mask.png"  # scan.png's mask would be scan_mask.png
+    for p in (first, second):
+        Image.fromarray(ct_image.rgb).save(p)
+    before = second.read_bytes()
+    rc = _ground(tiny_models, first, tmp_path, "--image", str(second))
+    assert rc == EXIT_INPUT
+    assert "refusing to overwrite" in capsys.readouterr().err and second.read_bytes() == before
+
+
+def test_bad_window_and_unknown_models(tiny_models, ct_path, tmp_path, capsys):
+    assert _ground(tiny_models, ct_path, tmp_path / "o", "--window", "40") == EXIT_INPUT
+    rc = main(["ground", "--image", ct_path, "--query", QUERY, "--crm", str(tmp_path / "missing"),
+               "--out", str(tmp_path / "o")])
+    assert rc == EXIT_MODEL and "not found" in capsys.readouterr().err
+    rc = main(["ground", "--image", ct_path, "--query", QUERY, "--crm", tiny_models["format"], "--asm", "nope",
+               "--out", str(tmp_path / "o")])
+    assert rc == EXIT_MODEL and "available" in capsys.readouterr().err
+
+
+def test_pipeline_api_reports_progress_and_honours_cancel(tiny_models, ct_image, litemedsam):
+    from medreasoner.crm import load_crm
+
+    crm = load_crm(tiny_models["format"], device="cpu")
+    crm.generation.max_new_tokens = 120
+    pipe = GroundingPipeline(crm, litemedsam, batch_size=1)
+    seen = []
+    res = pipe.run([ct_image.rgb] * 2, [QUERY] * 2, progress=lambda s, d, n: seen.append((s, d, n)))
+    assert seen == [("ground", 1, 2), ("ground", 2, 2)]
+    json.dumps(res[0].to_dict())  # results serialise to JSON as they are
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(CancelledError):
+        pipe.run([ct_image.rgb], [QUERY], cancel=stop)
+    with pytest.raises(InputError, match="empty"):
+        pipe.run([ct_image.rgb], [" "])
+
+
+def test_console_script_and_json_progress(tiny_models, ct_path, tmp_path):
+    exe = [sys.executable, "-m", "medreasoner"]
+    p = subprocess.run(exe + ["ground", "--image", ct_path, "--query", QUERY, "--crm", tiny_models["format"],
+                              "--max-new-tokens", "120", "--progress", "json", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    progress = [json.loads(line) for line in p.stderr.splitlines() if line.startswith('{"stage"')]
+    assert progress[-1] == {"stage": "ground", "done": 1, "total": 1}
+    assert json.loads(p.stdout)[0]["status"] == "ok"
+
+
+def test_models_command_lists_registry(capsys):
+    assert main(["models"]) == EXIT_OK
+    listed = json.loads(capsys.readouterr().out)
+    assert "transformers" in listed["crm_backends"] and "litemedsam" in listed["asms"]
