@@ -65,3 +65,32 @@ def scale_point(point: Sequence[float], sx: float, sy: float) -> Point:
 
 def point_in_box(point: Sequence[float], box: Sequence[float]) -> bool:
     return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+
+def box_iou(a: Sequence[float], b: Sequence[float], eps: float = 1e-5) -> float:
+    """inter / (A1 + A2 - inter + eps), continuous coordinates (no +1 pixel convention)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / (box_area(a) + box_area(b) - inter + eps)
+
+
+def disc_from_diameter(p1: Sequence[float], p2: Sequence[float], eps: float = 1e-5) -> tuple[float, float, float]:
+    """(cx, cy, r) of the disc whose diameter is the segment p1-p2 (r gets +eps, as the reference)."""
+    return ((p1[0] + p2[0]) / 2.0, (p1[1] + p2[1]) / 2.0, math.dist(p1, p2) / 2.0 + eps)
+
+
+def lens_area(r1: float, r2: float, d: float) -> float:
+    """Intersection area of two discs with radii r1, r2 whose centres are d apart.
+
+    Robust at the edges: disjoint (0), one inside the other (smaller disc), and acos arguments
+    clamped to [-1, 1] against rounding.
+    """
+    if r1 <= 0 or r2 <= 0 or d >= r1 + r2:
+        return 0.0
+    if d <= abs(r1 - r2):
+        return math.pi * min(r1, r2) ** 2
+    c1 = max(-1.0, min(1.0, (d * d + r1 * r1 - r2 * r2) / (2 * d * r1)))
+    c2 = max(-1.0, min(1.0, (d * d + r2 * r2 - r1 * r1) / (2 * d * r2)))
+    k = (-d + r1 + r2) * (d + r1 - r2) * (d - r1 + r2) * (d + r1 + r2)
+    return r1 * r1 * math.acos(c1) + r2 * r2 * math.acos(c2) - 0.5 * math.sqrt(max(0.0, k))
