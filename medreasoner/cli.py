@@ -21,7 +21,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     from medreasoner.crm.base import DEFAULT_CRM
 
     p.add_argument("--crm", default=DEFAULT_CRM, help=f"CRM folder or hub id (default {DEFAULT_CRM})")
-    p.add_argument("--crm-backend", default="transformers", help="CRM backend name (default transformers)")
+    p.add_argument("--crm-backend", default="transformers",
+                   help="CRM backend: transformers (local/hub checkpoint) or openai (a chat endpoint)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                   help="with --crm-backend openai: the OpenAI-compatible endpoint (vLLM, SGLang, hosted)")
     p.add_argument("--asm", default="litemedsam", help="ASM name: litemedsam, medsam2, sam2 (default litemedsam)")
     p.add_argument("--asm-checkpoint", default=None, help="ASM weights: a file, or hub 'repo:file'")
     p.add_argument("--prompt", choices=["reasoning", "direct"], default="reasoning")
@@ -51,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
                    help="progress display; 'json' prints one JSON line per step on stderr")
     _add_model_args(g)
+
+    e = sub.add_parser("evaluate", help="score a CRM + ASM on U-MRG-format data (resumable, shardable)")
+    e.add_argument("--data", required=True, help="U-MRG data: HF datasets folder, parquet file/folder, or plain folder")
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    e.add_argument("--merge-timeout", type=float, default=6 * 3600.0,
+                   help="seconds rank 0 waits for the other ranks' shards")
+    e.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
+    _add_model_args(e)
 
     t = sub.add_parser("make-tiny", help="write tiny offline test models (Qwen2.5-VL CRM + SAM2 ASM)")
     t.add_argument("out", help="folder for crm/ and tiny_sam2.pt")
@@ -109,15 +122,31 @@ def _progress(kind: str, total: int):
     return None, None
 
 
+def _build_pipeline(args, device: str | None = None):
+    from medreasoner.asm import load_asm
+    from medreasoner.crm import GenerationConfig, load_crm
+    from medreasoner.pipeline import GroundingPipeline
+
+    device = device or args.device
+    crm_kwargs = {"device": device, "batch_size": args.batch_size,
+                  "trust_remote_code": args.trust_remote_code,
+                  "generation": GenerationConfig(max_new_tokens=args.max_new_tokens)}
+    if args.image_size:
+        crm_kwargs["image_size"] = args.image_size
+    if args.crm_backend == "openai":
+        crm_kwargs["base_url"] = args.base_url
+    crm = load_crm(args.crm, backend=args.crm_backend, **crm_kwargs)
+    asm = load_asm(args.asm, checkpoint=args.asm_checkpoint, device=device, batch_size=args.asm_batch_size)
+    return GroundingPipeline(crm, asm, prompt=args.prompt, batch_size=args.batch_size)
+
+
 def cmd_ground(args) -> int:
     import numpy as np
 
-    from medreasoner.asm import load_asm
-    from medreasoner.crm import GenerationConfig, load_crm
     from medreasoner.images import load_image
     from medreasoner.outputs import guard_outputs, json_bytes, png_bytes, write_all
     from medreasoner.overlay import draw_overlay
-    from medreasoner.pipeline import TINY_WARNING, GroundingPipeline, check_query
+    from medreasoner.pipeline import TINY_WARNING, check_query
 
     query = check_query(args.query)
     window = _parse_window(args.window)
@@ -131,15 +160,7 @@ def cmd_ground(args) -> int:
     targets = _output_paths(in_paths, out)
     guard_outputs([p for t in targets for p in t.values()], in_paths)
 
-    crm_kwargs = {"device": args.device, "batch_size": args.batch_size,
-                  "trust_remote_code": args.trust_remote_code,
-                  "generation": GenerationConfig(max_new_tokens=args.max_new_tokens)}
-    if args.image_size:
-        crm_kwargs["image_size"] = args.image_size
-    crm = load_crm(args.crm, backend=args.crm_backend, **crm_kwargs)
-    asm = load_asm(args.asm, checkpoint=args.asm_checkpoint, device=args.device,
-                   batch_size=args.asm_batch_size)
-    pipe = GroundingPipeline(crm, asm, prompt=args.prompt, batch_size=args.batch_size)
+    pipe = _build_pipeline(args)
 
     cancel = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop between batches; write nothing partial
@@ -178,6 +199,54 @@ def cmd_ground(args) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_NO_TARGET
 
 
+def cmd_evaluate(args) -> int:
+    import os
+
+    from medreasoner.data import load_samples
+    from medreasoner.evaluate import Shard, merge, run_shard, write_reports
+
+    shard = Shard.from_env()
+    device = args.device
+    if device == "auto" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per process under torchrun / accelerate
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    out = Path(args.out)
+    samples = load_samples(args.data, split=args.split, limit=args.limit)
+    pipe = _build_pipeline(args, device)
+    cancel = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: cancel.set())
+    report, bar = _progress(args.progress, 0)
+
+    def on_progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.set_description(f"evaluate rank {shard.rank}/{shard.world}")
+        if report is not None:
+            report("evaluate", done, total)
+
+    try:
+        run_shard(samples, pipe, out, shard, progress=on_progress, cancel=cancel)
+    finally:
+        if bar is not None:
+            bar.close()
+    if shard.rank != 0:
+        return EXIT_OK
+    records = merge(out, shard.world, timeout_s=args.merge_timeout)
+    run_info = {"data": args.data, "split": args.split, "prompt": args.prompt, "crm": pipe.crm.describe(),
+                "asm": pipe.asm.describe(), "world_size": shard.world, "samples": len(records)}
+    title = f"{Path(args.crm).name} + {pipe.asm.name} on {Path(args.data).name}/{args.split} ({args.prompt} prompt)"
+    summary = write_reports(records, {s.id: s for s in samples}, out, title, run_info)
+    print((out / "table.md").read_text())
+    if pipe.crm.is_tiny or pipe.asm.is_tiny:
+        print("WARNING: TINY TEST MODEL in this run: the numbers are meaningless.", file=sys.stderr)
+    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'overlays.png'}, {out / 'histograms.png'}",
+          file=sys.stderr)
+    return EXIT_OK if summary["overall"]["n"] else EXIT_INPUT
+
+
 def cmd_make_tiny(args) -> int:
     from medreasoner.tiny import build_tiny_crm, build_tiny_sam2
 
@@ -205,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handler = {"ground": cmd_ground, "make-tiny": cmd_make_tiny, "models": cmd_models}[args.command]
+    handler = {"ground": cmd_ground, "evaluate": cmd_evaluate, "make-tiny": cmd_make_tiny,
+               "models": cmd_models}[args.command]
     try:
         return handler(args)
     except InputError as exc:
