@@ -261,7 +261,7 @@ def cmd_make_tiny(args) -> int:
 
 def cmd_models(_args) -> int:
     from medreasoner.asm import asm_names  # noqa: F401 - imports register the ASMs
-    from medreasoner.crm import qwen_vl  # noqa: F401
+    from medreasoner.crm import openai_compat, qwen_vl  # noqa: F401
     from medreasoner.registry import ASMS, CRMS
 
     print(json.dumps({"crm_backends": CRMS.describe(), "asms": ASMS.describe()}, indent=2))
