@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
     _add_model_args(e)
 
+    b = sub.add_parser("build-dataset", help="write a U-MRG-format parquet from your own labelled 2D or 3D data")
+    b.add_argument("--out", required=True, help="parquet file to write")
+    b.add_argument("--images", help="2D: folder of images")
+    b.add_argument("--masks", help="2D: folder of masks (same stem as the image)")
+    b.add_argument("--queries", help="2D: queries .jsonl/.json ({image, query, [mask, id, supercategory, category]})")
+    b.add_argument("--volumes", help="3D: CSV with columns volume,labelmap (NIfTI paths)")
+    b.add_argument("--labels", help="3D: JSON {label: {query, supercategory, category}}")
+    b.add_argument("--axis", type=int, default=2, help="3D: slice axis in RAS (0 sagittal, 1 coronal, 2 axial)")
+    b.add_argument("--min-area", type=int, default=20, help="3D: least label pixels for a slice to count")
+    b.add_argument("--every", type=int, default=1, help="3D: keep every n-th qualifying slice")
+
     t = sub.add_parser("make-tiny", help="write tiny offline test models (Qwen2.5-VL CRM + SAM2 ASM)")
     t.add_argument("out", help="folder for crm/ and tiny_sam2.pt")
     t.add_argument("--format-steps", type=int, default=150,
@@ -247,6 +258,33 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK if summary["overall"]["n"] else EXIT_INPUT
 
 
+def cmd_build_dataset(args) -> int:
+    import csv
+
+    from medreasoner.data import samples_from_2d, samples_from_volumes, write_parquet
+    from medreasoner.errors import InputError
+
+    if args.volumes:
+        if not args.labels:
+            raise InputError("--volumes needs --labels (a JSON file mapping label -> query)")
+        try:
+            with open(args.volumes, newline="") as f:
+                pairs = [(r["volume"], r["labelmap"]) for r in csv.DictReader(f)]
+            labels = {int(k): v for k, v in json.loads(Path(args.labels).read_text()).items()}
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(f"cannot read --volumes/--labels: {exc}") from exc
+        samples = samples_from_volumes(pairs, labels, axis=args.axis, min_area=args.min_area, every=args.every)
+        inputs = [p for pair in pairs for p in pair]
+    elif args.images and args.masks and args.queries:
+        samples = samples_from_2d(args.images, args.masks, args.queries)
+        inputs = [args.queries]
+    else:
+        raise InputError("give --images, --masks and --queries (2D) or --volumes and --labels (3D)")
+    path = write_parquet(samples, args.out, inputs=inputs)
+    print(f"wrote {len(samples)} samples to {path}")
+    return EXIT_OK
+
+
 def cmd_make_tiny(args) -> int:
     from medreasoner.tiny import build_tiny_crm, build_tiny_sam2
 
@@ -274,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handler = {"ground": cmd_ground, "evaluate": cmd_evaluate, "make-tiny": cmd_make_tiny,
+    handler = {"ground": cmd_ground, "evaluate": cmd_evaluate, "build-dataset": cmd_build_dataset,
+               "make-tiny": cmd_make_tiny,
                "models": cmd_models}[args.command]
     try:
         return handler(args)

@@ -445,3 +445,31 @@ def test_bad_inputs(tmp_path, rng, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
     with pytest.raises(InputError, match="needs the `datasets` package"):
         load_samples(tmp_path / "dsdir")
+
+
+def test_build_dataset_command_from_volumes(tmp_path, capsys):
+    """`medreasoner build-dataset` turns NIfTI volume + label map pairs into a U-MRG parquet."""
+    import nibabel as nib
+
+    from medreasoner.cli import EXIT_INPUT, EXIT_OK, main
+
+    vol = np.zeros((24, 24, 6), np.float32)
+    lab = np.zeros((24, 24, 6), np.int16)
+    vol[4:20, 4:20, :] = 100.0
+    lab[8:16, 6:14, 1:5] = 3
+    aff = np.diag([1.5, 1.5, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(vol, aff), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(lab, aff), tmp_path / "ct_seg.nii.gz")
+    (tmp_path / "pairs.csv").write_text(f"volume,labelmap\n{tmp_path / 'ct.nii.gz'},{tmp_path / 'ct_seg.nii.gz'}\n")
+    (tmp_path / "labels.json").write_text(json.dumps({"3": {"query": "Which organ stores bile?",
+                                                            "supercategory": "Abdomen", "category": "gallbladder"}}))
+    out = tmp_path / "built.parquet"
+    rc = main(["build-dataset", "--volumes", str(tmp_path / "pairs.csv"), "--labels", str(tmp_path / "labels.json"),
+               "--min-area", "10", "--out", str(out)])
+    assert rc == EXIT_OK and "wrote 4 samples" in capsys.readouterr().out
+    samples = load_samples(out)
+    assert len(samples) == 4 and {s.category for s in samples} == {"gallbladder"}
+    for s in samples:
+        (x1, y1), (x2, y2) = s.ground_truth["point_2d"]
+        assert s.mask[y1, x1] and s.mask[y2, x2]
+    assert main(["build-dataset", "--volumes", str(tmp_path / "pairs.csv"), "--out", str(out)]) == EXIT_INPUT
