@@ -20,6 +20,7 @@ import numpy as np
 
 from medreasoner.metrics import markdown_table, sample_metrics, summarize
 from medreasoner.outputs import atomic_write_bytes, json_bytes, png_bytes
+from medreasoner.pipeline import TINY_WARNING
 
 ProgressFn = Callable[[int, int], None]
 
@@ -131,7 +132,8 @@ def write_reports(records: list[dict], samples_by_id: dict, out: Path, title: st
     atomic_write_bytes(out / "summary.json", json_bytes(summary))
     atomic_write_bytes(out / "table.md", markdown_table(summary, title).encode())
     _histograms(records, out / "histograms.png")
-    _overlay_grid(records, samples_by_id, out, out / "overlays.png")
+    tiny = run_info.get("crm", {}).get("tiny_test_model") or run_info.get("asm", {}).get("tiny_test_model")
+    _overlay_grid(records, samples_by_id, out, out / "overlays.png", banner=TINY_WARNING if tiny else "")
     return summary
 
 
@@ -158,9 +160,10 @@ def _histograms(records: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _overlay_grid(records: list[dict], samples_by_id: dict, out: Path, path: Path, n: int = 8) -> None:
-    """Up to n samples side by side: predicted mask/box/points over the image, GT box in white."""
-    from PIL import Image, ImageDraw
+def _overlay_grid(records: list[dict], samples_by_id: dict, out: Path, path: Path, n: int = 8,
+                  banner: str = "") -> None:
+    """Up to n samples side by side: the prediction in colour over the image, the GT in white."""
+    from PIL import Image
 
     from medreasoner.overlay import draw_overlay
 
@@ -173,11 +176,8 @@ def _overlay_grid(records: list[dict], samples_by_id: dict, out: Path, path: Pat
         mask = np.asarray(Image.open(mpath)) > 0 if mpath.is_file() else None
         text = (f"IoU {100 * r['metrics']['iou']:.1f}  pDice {100 * r['metrics']['pdice']:.1f}  "
                 f"Dice {100 * r['metrics']['dice']:.1f}\n{r.get('reasoning') or r['completion'][:300]}")
-        tile = draw_overlay(s.image, mask, r["box"], r["points"], title=f"{r['id']}: {r['query']}", text=text)
-        d = ImageDraw.Draw(tile)
-        sc = max(1.0, 512 / max(s.image.shape[:2]))
-        gb = s.ground_truth["bbox_2d"]
-        d.rectangle([gb[0] * sc, gb[1] * sc, gb[2] * sc, gb[3] * sc], outline=(255, 255, 255), width=1)
+        tile = draw_overlay(s.image, mask, r["box"], r["points"], title=f"{r['id']}: {r['query']}", text=text,
+                            banner=banner, gt_mask=s.mask, gt_box=s.ground_truth["bbox_2d"])
         tiles.append(tile.resize((tile.width * 360 // tile.height, 360)))
     if not tiles:
         return

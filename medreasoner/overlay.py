@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 MASK_RGB = (255, 60, 60)
 BOX_RGB = (60, 220, 60)
 POINT_RGB = [(255, 220, 0), (0, 200, 255)]
+GT_RGB = (255, 255, 255)
 MIN_SIDE = 512  # small images are enlarged so the drawing stays legible
 
 
@@ -19,6 +20,15 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
+
+
+def _outline(draw: ImageDraw.ImageDraw, mask: np.ndarray | None, scale: float, colour) -> None:
+    if mask is None or not np.any(mask):
+        return
+    m = np.asarray(mask, bool)
+    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+    for y, x in zip(*np.nonzero(edge)):
+        draw.rectangle([x * scale, y * scale, (x + 1) * scale - 1, (y + 1) * scale - 1], fill=colour)
 
 
 def draw_overlay(
@@ -30,8 +40,14 @@ def draw_overlay(
     text: str = "",
     banner: str = "",
     alpha: float = 0.45,
+    gt_mask: np.ndarray | None = None,
+    gt_box: Sequence[float] | None = None,
 ) -> Image.Image:
-    """Return an RGB picture: the annotated image on the left, wrapped text on the right."""
+    """Return an RGB picture: the annotated image on the left, wrapped text on the right.
+
+    The prediction is red (mask), green (box) and yellow/cyan (key points); an optional ground
+    truth is drawn as a white outline and a white box.
+    """
     img = np.asarray(rgb, dtype=np.uint8).copy()
     if mask is not None and mask.any():
         m = np.asarray(mask, bool)
@@ -43,12 +59,10 @@ def draw_overlay(
         pic = pic.resize((round(w * scale), round(h * scale)), Image.NEAREST)
     draw = ImageDraw.Draw(pic)
     lw = max(2, round(pic.width / 256))
-    if mask is not None and mask.any():  # outline the mask so it stays visible on bright tissue
-        edge = np.asarray(mask, bool)
-        edge = edge & ~(np.roll(edge, 1, 0) & np.roll(edge, -1, 0) & np.roll(edge, 1, 1) & np.roll(edge, -1, 1))
-        ys, xs = np.nonzero(edge)
-        for y, x in zip(ys, xs):
-            draw.rectangle([x * scale, y * scale, (x + 1) * scale - 1, (y + 1) * scale - 1], fill=MASK_RGB)
+    _outline(draw, mask, scale, MASK_RGB)  # keeps the mask visible on bright tissue
+    _outline(draw, gt_mask, scale, GT_RGB)
+    if gt_box is not None:
+        draw.rectangle([v * scale for v in gt_box], outline=GT_RGB, width=max(1, lw // 2))
     if box is not None:
         draw.rectangle([box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale], outline=BOX_RGB, width=lw)
     for i, p in enumerate(points or []):
