@@ -55,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress display; 'json' prints one JSON line per step on stderr")
     _add_model_args(g)
 
+    v = sub.add_parser("segment-volume", help="segment what a question refers to in a 3D volume")
+    v.add_argument("--volume", required=True, help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
+    v.add_argument("--query", required=True)
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--strategy", default="keyslice", help="keyslice (default) or slicewise")
+    v.add_argument("--axis", default="axial", help="slice axis: axial, coronal or sagittal")
+    v.add_argument("--window", default=None,
+                   help="CT window preset (abdomen, lung, brain, mediastinum, bone) or 'center,width'")
+    v.add_argument("--slices", default=None, help="slice range 'start:stop' (stop exclusive)")
+    v.add_argument("--key-slice", type=int, default=None, help="keyslice: ask the CRM about this slice only")
+    v.add_argument("--all-components", action="store_true", help="keep every 3D component, not only the largest")
+    v.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
+    _add_model_args(v)
+
     e = sub.add_parser("evaluate", help="score a CRM + ASM on U-MRG-format data (resumable, shardable)")
     e.add_argument("--data", required=True, help="U-MRG data: HF datasets folder, parquet file/folder, or plain folder")
     e.add_argument("--split", default="test")
@@ -152,12 +166,10 @@ def _build_pipeline(args, device: str | None = None):
 
 
 def cmd_ground(args) -> int:
-    import numpy as np
-
     from medreasoner.images import load_image
-    from medreasoner.outputs import guard_outputs, json_bytes, png_bytes, write_all
-    from medreasoner.overlay import draw_overlay
-    from medreasoner.pipeline import TINY_WARNING, check_query
+    from medreasoner.outputs import guard_outputs, write_all
+    from medreasoner.pipeline import check_query
+    from medreasoner.runner import outputs_2d
 
     query = check_query(args.query)
     window = _parse_window(args.window)
@@ -186,16 +198,7 @@ def cmd_ground(args) -> int:
     files: dict[Path, bytes] = {}
     summary = []
     for im, res, paths in zip(images, results, targets):
-        record = res.to_dict()
-        record.update(input=im.path, intensity=im.intensity, input_metadata=im.metadata,
-                      outputs={k: str(v) for k, v in paths.items()})
-        banner = TINY_WARNING if TINY_WARNING in res.warnings else ""
-        title = f"Q: {query}  [{res.status}]" + (f" - {res.message}" if res.message else "")
-        overlay = draw_overlay(im.rgb, res.mask, res.answer.box, res.answer.points, title=title,
-                               text=res.answer.think or res.completion, banner=banner)
-        files[paths["mask"]] = png_bytes(res.mask.astype(np.uint8) * 255)
-        files[paths["result"]] = json_bytes(record)
-        files[paths["overlay"]] = png_bytes(overlay)
+        files.update(outputs_2d(im, res, query, paths))
         summary.append({"input": im.path, "status": res.status, **{k: str(v) for k, v in paths.items()}})
     write_all(files)
 
@@ -208,6 +211,40 @@ def cmd_ground(args) -> int:
         print(line, file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return EXIT_OK if all(r.ok for r in results) else EXIT_NO_TARGET
+
+
+def _window_arg(text: str | None):
+    if text is None or "," not in text:
+        return text
+    w = _parse_window(text)
+    return (w.center, w.width)
+
+
+def cmd_segment_volume(args) -> int:
+    from medreasoner.pipeline import check_query
+    from medreasoner.volume_pipeline import VolumeGrounder, write_volume_outputs
+    from medreasoner.volumes import read_volume
+
+    query = check_query(args.query)
+    volume = read_volume(args.volume)  # input problems surface before the models load
+    pipe = _build_pipeline(args)
+    cancel = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: cancel.set())
+    report = None
+    if args.progress == "json":
+        def report(stage, done, n):
+            print(json.dumps({"stage": stage, "done": done, "total": n}), file=sys.stderr, flush=True)
+    grounder = VolumeGrounder(pipe.crm, pipe.asm, args.prompt, args.batch_size)
+    res = grounder.run(volume, query, strategy=args.strategy, axis=args.axis, window=_window_arg(args.window),
+                       slice_range=args.slices, key_slice=args.key_slice, keep_largest=not args.all_components,
+                       progress=report, cancel=cancel)
+    outputs = write_volume_outputs(res, args.out, stem="seg", inputs=[args.volume])
+    for w in res.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+    print(f"{args.volume}: {res.status}" + (f" - {res.message}" if res.message else ""), file=sys.stderr)
+    print(json.dumps({"status": res.status, **outputs}, indent=2))
+    return EXIT_OK if res.ok else EXIT_NO_TARGET
 
 
 def cmd_evaluate(args) -> int:
@@ -312,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handler = {"ground": cmd_ground, "evaluate": cmd_evaluate, "build-dataset": cmd_build_dataset,
+    handler = {"ground": cmd_ground, "segment-volume": cmd_segment_volume, "evaluate": cmd_evaluate, "build-dataset": cmd_build_dataset,
                "make-tiny": cmd_make_tiny,
                "models": cmd_models}[args.command]
     try:

@@ -46,6 +46,43 @@ class ASM(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "checkpoint": self.checkpoint, "tiny_test_model": self.is_tiny}
 
+    def propagate(self, frames: Sequence[np.ndarray], key_index: int, key_mask: np.ndarray,
+                  min_area: int = 10, cancel=None, progress=None) -> dict[int, np.ndarray]:
+        """Carry the key slice's mask through neighbouring slices, both ways, until the object ends.
+
+        ``frames[i]`` is an RGB uint8 slice (loaded on demand). This default tracks the box: each
+        next slice is prompted with the previous mask's box grown by 10%; it stops where the mask
+        vanishes (fewer than ``min_area`` pixels). Video-capable ASMs (SAM2) override it.
+        """
+        masks = {key_index: np.asarray(key_mask, bool)}
+        for step in (1, -1):
+            prev = masks[key_index]
+            i = key_index + step
+            while 0 <= i < len(frames) and prev.sum() >= min_area:
+                if cancel is not None and cancel.is_set():
+                    from medreasoner.errors import CancelledError
+
+                    raise CancelledError("cancelled during propagation")
+                frame = frames[i]
+                r = self.segment(frame, grown_box(prev, frame.shape[:2]))
+                if r.area < min_area:
+                    break
+                masks[i] = r.mask
+                prev = r.mask
+                if progress is not None:
+                    progress(len(masks))
+                i += step
+        return masks
+
+
+def grown_box(mask: np.ndarray, shape: tuple[int, int], grow: float = 0.1) -> Box:
+    """The mask's tight box (continuous coordinates) grown by ``grow`` of its size on each side."""
+    ys, xs = np.nonzero(mask)
+    x1, x2, y1, y2 = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
+    gx, gy = max(1.0, (x2 - x1) * grow), max(1.0, (y2 - y1) * grow)
+    h, w = shape
+    return (max(0.0, x1 - gx), max(0.0, y1 - gy), min(float(w), x2 + gx), min(float(h), y2 + gy))
+
 
 def check_prompts(image: np.ndarray, box: Box) -> None:
     h, w = image.shape[:2]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -64,7 +66,7 @@ def resolve_checkpoint(checkpoint: str | None, default_repo: str, default_file: 
         ) from exc
 
 
-def build_sam2_model(config: Path, checkpoint: str | None, device: str = "cpu"):
+def build_sam2_model(config: Path, checkpoint: str | None, device: str = "cpu", video: bool = False):
     """Instantiate a SAM2 model from a YAML file and load a checkpoint safely (weights only).
 
     Sets ``model.medreasoner_tiny`` when the checkpoint was written by ``make-tiny``.
@@ -76,6 +78,10 @@ def build_sam2_model(config: Path, checkpoint: str | None, device: str = "cpu"):
     cfg = OmegaConf.load(str(config))
     extra = cfg.model.get("sam_mask_decoder_extra_args") or {}
     cfg.model.sam_mask_decoder_extra_args = OmegaConf.merge(OmegaConf.create(dict(extra)), POSTPROCESSING)
+    if video:  # what sam2.build_sam2_video_predictor sets; hole filling needs a CUDA-only kernel
+        cfg.model._target_ = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+        cfg.model.binarize_mask_from_pts_for_mem_enc = True
+        cfg.model.fill_hole_area = 8 if str(device).startswith("cuda") else 0
     model = instantiate(cfg.model, _recursive_=True)
     model.medreasoner_tiny = checkpoint is None
     if checkpoint is not None:
@@ -92,6 +98,52 @@ def build_sam2_model(config: Path, checkpoint: str | None, device: str = "cpu"):
             raise ModelLoadError(f"checkpoint {checkpoint} does not fit config {Path(config).name}: "
                                  f"{str(exc)[:400]}") from exc
     return model.to(device).eval()
+
+
+_FRAME_LOADER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _frames_from_memory(frames, image_size: int):
+    """Let SAM2VideoPredictor.init_state read slices from memory, one at a time, on demand.
+
+    sam2 only loads videos from mp4/JPEG folders; its predictor indexes ``state["images"][i]`` and
+    takes ``len()``, so a lazy sequence of normalised frames keeps memory at one slice per step.
+    """
+    import sam2.sam2_video_predictor as svp
+
+    h, w = frames[0].shape[:2] if len(frames) else (0, 0)
+
+    def loader(**_kwargs):
+        return _LazyFrames(frames, image_size), h, w
+
+    with _FRAME_LOADER_LOCK:
+        original = svp.load_video_frames
+        svp.load_video_frames = loader
+        try:
+            yield
+        finally:
+            svp.load_video_frames = original
+
+
+class _LazyFrames:
+    MEAN = (0.485, 0.456, 0.406)  # the ImageNet statistics SAM2 was trained with
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, frames, image_size: int):
+        self.frames, self.size = frames, image_size
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(self.frames[i])).permute(2, 0, 1)[None].float() / 255.0
+        t = torch.nn.functional.interpolate(t, size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+        mean = torch.tensor(self.MEAN)[:, None, None]
+        std = torch.tensor(self.STD)[:, None, None]
+        return (t - mean) / std
 
 
 class SAM2ASM(ASM):
@@ -115,6 +167,41 @@ class SAM2ASM(ASM):
         hr = model.image_size // 4
         self.predictor._bb_feat_sizes = [(hr >> k, hr >> k) for k in range(3)]
         self._torch = torch
+
+    def _video_predictor(self):
+        if getattr(self, "_video", None) is None:
+            video = build_sam2_model(self.config, None, str(self.device), video=True)
+            video.load_state_dict(self.predictor.model.state_dict(), strict=True)
+            self._video = video.eval()
+        return self._video
+
+    def propagate(self, frames, key_index: int, key_mask: np.ndarray, min_area: int = 10, cancel=None,
+                  progress=None) -> dict[int, np.ndarray]:
+        """MedSAM2's 3D recipe: the key slice's mask as the prompt, then SAM2's video memory forward
+        and backward; each direction stops at the first slice where the object has ended."""
+        torch = self._torch
+        vp = self._video_predictor()
+        masks = {key_index: np.asarray(key_mask, bool)}
+        with _frames_from_memory(frames, vp.image_size):
+            state = vp.init_state(video_path="<in-memory slices>", offload_video_to_cpu=True,
+                                  offload_state_to_cpu=self.device.type != "cuda")
+        with torch.inference_mode(), self._autocast():
+            vp.add_new_mask(state, frame_idx=key_index, obj_id=1, mask=masks[key_index])
+            for reverse in (False, True):
+                for idx, _, logits in vp.propagate_in_video(state, start_frame_idx=key_index, reverse=reverse):
+                    if cancel is not None and cancel.is_set():
+                        from medreasoner.errors import CancelledError
+
+                        raise CancelledError("cancelled during propagation")
+                    if idx == key_index:
+                        continue
+                    m = (logits[0, 0] > 0).cpu().numpy()
+                    if m.sum() < min_area:
+                        break
+                    masks[idx] = m
+                    if progress is not None:
+                        progress(len(masks))
+        return masks
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "config": self.config.name, "device": str(self.device),

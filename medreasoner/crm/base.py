@@ -24,6 +24,7 @@ class CRMAnswer:
     answer: ParsedAnswer
     resize: ResizeMap
     seconds: float = 0.0
+    confidence: float | None = None  # geometric-mean token probability of the completion, if known
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -31,6 +32,7 @@ class CRMAnswer:
             "answer": self.answer.to_dict(),
             "model_input_size": [self.resize.model_w, self.resize.model_h],
             "seconds": round(self.seconds, 4),
+            "confidence": self.confidence,
         }
 
 

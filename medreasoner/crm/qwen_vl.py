@@ -138,17 +138,31 @@ class QwenVLCRM(CRM):
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
         kwargs.update(gen.extra)
         with torch.inference_mode():
-            ids = self.model.generate(**inputs, **kwargs)
-        new = ids[:, inputs["input_ids"].shape[1]:]
+            gen_out = self.model.generate(**inputs, **kwargs, output_scores=True, return_dict_in_generate=True)
+            new = gen_out.sequences[:, inputs["input_ids"].shape[1]:]
+            confidences = self._confidences(gen_out, new)
         completions = self.processor.batch_decode(new, skip_special_tokens=True,
                                                   clean_up_tokenization_spaces=False)
         seen = self._seen_sizes(inputs["image_grid_thw"])
         per = (time.perf_counter() - t0) / len(images)
         answers = []
-        for text, (_, (w, h)), (sw, sh) in zip(completions, prepared, seen):
+        for text, (_, (w, h)), (sw, sh), conf in zip(completions, prepared, seen, confidences):
             rmap = ResizeMap(w, h, sw, sh)
-            answers.append(CRMAnswer(text, answer_in_original_pixels(text, rmap), rmap, per))
+            answers.append(CRMAnswer(text, answer_in_original_pixels(text, rmap), rmap, per, conf))
         return answers
+
+    def _confidences(self, gen_out, new) -> list[float | None]:
+        """exp(mean log-probability) of each completion's tokens, padding after EOS excluded."""
+        torch = self._torch
+        try:
+            logp = self.model.compute_transition_scores(gen_out.sequences, gen_out.scores, normalize_logits=True)
+        except Exception:  # noqa: BLE001 - confidence is a nicety; generation already succeeded
+            return [None] * new.shape[0]
+        pad = self.processor.tokenizer.pad_token_id
+        valid = torch.ones_like(new, dtype=torch.bool) if pad is None else new != pad
+        logp = torch.where(valid, logp.float(), torch.zeros_like(logp, dtype=torch.float32))
+        n = valid.sum(dim=1).clamp(min=1)
+        return [float(v) for v in torch.exp(logp.sum(dim=1) / n)]
 
 
 @CRMS.register("transformers", help="Qwen2.5-VL-family checkpoint through transformers (local folder or hub id)")
