@@ -178,7 +178,7 @@ def _as_3d(image: SimpleITK.Image, where: str) -> SimpleITK.Image:
         if dim == 2:
             raise InputError(f"{where} is a 2D image; use `medreasoner ground` for 2D images")
         raise InputError(f"{where} has {dim} dimensions {size}; only 3D volumes are supported")
-    if 0 not in size and sum(s == 1 for s in size) >= 1:
+    if 0 not in size and 1 in size:
         raise InputError(
             f"{where} is a 2D image (a single slice, size {size}); use `medreasoner ground` for 2D images"
         )
@@ -200,8 +200,11 @@ def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any]]:
             from exc
     # Check the shape before loading the voxels: a large 4D file is refused without reading it.
     dim, size = reader.GetDimension(), tuple(int(s) for s in reader.GetSize())
-    if dim == 2:
-        raise InputError(f"{p} is a 2D image; use `medreasoner ground` for 2D images")
+    if dim == 2 or (dim >= 3 and 1 in size[:3] and 0 not in size):
+        hint = ""
+        if reader.HasMetaDataKey("0008|0060") or p.suffix.lower() in (".dcm", ".dicom", ".ima"):
+            hint = " (for a DICOM series, give the folder that holds its files)"
+        raise InputError(f"{p} is a 2D image; use `medreasoner ground` for 2D images{hint}")
     if dim > 4 or (dim == 4 and size[3] != 1):
         raise InputError(
             f"{p} is {dim}D with shape {size}; only 3D volumes are supported "
@@ -216,10 +219,83 @@ def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any]]:
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read {p}: the file is damaged or truncated ({_first_line(exc)})") from exc
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        image = _check_nifti_data(p, image)
     modality = ""
     if image.HasMetaDataKey("0008|0060"):  # a single (multi-frame) DICOM file
         modality = image.GetMetaData("0008|0060").strip().upper()
     return image, modality, {"format": _format_name(p, image)}
+
+
+def _check_nifti_data(p: Path, image: SimpleITK.Image) -> SimpleITK.Image:
+    """Catch what ITK's NIfTI reader lets through: truncated voxel data (read as zeros without an error)
+    and NaN/inf voxels (silently set to 0). Non-finite voxels are put back so they are reported."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        proxy = nib.load(str(p)).dataobj  # (image.header has vox_offset reset to 0; the proxy has it)
+        dtype = np.dtype(proxy.dtype)
+        offset = int(proxy.offset)
+        expected = offset + int(np.prod(proxy.shape, dtype=np.int64)) * dtype.itemsize
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds; ITK may accept a cut-off header
+        raise InputError(f"cannot read {p}: the NIfTI header is damaged or truncated ({exc})") from exc
+    gz = p.name.lower().endswith(".gz")
+    floating = dtype.kind == "f"
+    if not floating:
+        if not gz:
+            got = p.stat().st_size
+        else:
+            with p.open("rb") as f:  # gzip trailer: uncompressed size mod 2**32
+                f.seek(-4, os.SEEK_END)
+                isize = int.from_bytes(f.read(4), "little")
+            got = expected if isize == expected % 2**32 else None
+        if got is not None:
+            if got < expected:
+                raise InputError(f"cannot read {p}: the file is truncated ({got - offset} of "
+                                 f"{expected - offset} bytes of voxel data)")
+            return image
+    # Stream the voxel data once: count the bytes, and (float data) find the non-finite voxels.
+    bad: list[np.ndarray] = []
+    bad_values: list[np.ndarray] = []
+    got = offset
+    chunk = max(dtype.itemsize, (4 << 20) // dtype.itemsize * dtype.itemsize)
+    try:
+        with (gzip.open(p, "rb") if gz else p.open("rb")) as f:
+            f.seek(offset)
+            while got < expected:
+                block = f.read(min(chunk, expected - got))
+                if not block:
+                    break
+                if floating:
+                    values = np.frombuffer(block[: len(block) // dtype.itemsize * dtype.itemsize], dtype)
+                    idx = np.flatnonzero(~np.isfinite(values))
+                    if idx.size:
+                        bad.append(idx + (got - offset) // dtype.itemsize)
+                        bad_values.append(values[idx])
+                got += len(block)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"cannot read {p}: the file is damaged or truncated ({exc})") from exc
+    if got < expected:
+        raise InputError(f"cannot read {p}: the file is truncated ({got - offset} of "
+                         f"{expected - offset} bytes of voxel data)")
+    if not bad:
+        return image
+    import SimpleITK as sitk
+
+    where = np.concatenate(bad)
+    arr = sitk.GetArrayFromImage(image)
+    flat = arr.reshape(-1)
+    if not np.issubdtype(flat.dtype, np.floating) or where[-1] >= flat.size:
+        return image
+    flat[where] = np.concatenate(bad_values)  # NaN stays NaN, inf stays inf whatever the scaling
+    restored = sitk.GetImageFromArray(arr)
+    restored.CopyInformation(image)
+    for key in image.GetMetaDataKeys():
+        restored.SetMetaData(key, image.GetMetaData(key))
+    return restored
 
 
 def _format_name(p: Path, image: SimpleITK.Image) -> str:
@@ -589,7 +665,7 @@ def write_segmentation(mask: SimpleITK.Image, path: str | os.PathLike, *, name: 
 
     out = Path(path)
     suffix = _segmentation_suffix(out)
-    guard_outputs([out], [Path(p) for p in inputs])
+    guard_outputs([out], [Path(p) for p in inputs if p])
     if not isinstance(mask, sitk.Image):
         raise InputError(f"mask must be a SimpleITK image (use DisplayStack.to_volume_mask), got {type(mask)}")
     if mask.GetNumberOfComponentsPerPixel() != 1:
