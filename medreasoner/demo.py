@@ -16,10 +16,26 @@ from medreasoner.cli import main as cli_main
 QUERY = "Which structure would explain this patient's shortness of breath?"
 
 
+def write_mni(path: Path) -> int:
+    """The MNI152 2009 T1 template ships inside nilearn: a real 3D MRI that needs no download."""
+    import nibabel as nib
+    from nilearn import datasets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        nib.save(datasets.load_mni152_template(resolution=2), str(path))
+    print(f"MNI152 T1 (2 mm) volume: {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo_out")
+    ap.add_argument("--write-mni", metavar="PATH", default=None,
+                    help="only write nilearn's MNI152 T1 template (2 mm, a real MRI volume) to PATH and exit")
     args = ap.parse_args(argv)
+    if args.write_mni:
+        return write_mni(Path(args.write_mni))
     from pydicom.data import get_testdata_file
 
     out = Path(args.out)
