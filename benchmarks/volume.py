@@ -87,6 +87,15 @@ def worker(args) -> None:
     crm = load_crm(args.crm, device="cpu", batch_size=args.batch)
     crm.generation.max_new_tokens = 120
     asm = load_asm(args.asm, checkpoint=args.asm_checkpoint, device="cpu")
+    # Warm both models up on one slice-sized image first: their working memory (activations,
+    # thread pools) belongs to "the loaded models", not to how we handle the volume.
+    probe = read_volume(args.volume)
+    shape = display_stack(probe).slice_shape
+    del probe
+    dummy = np.zeros((*shape, 3), np.uint8)
+    dummy[shape[0] // 4: shape[0] // 2, shape[1] // 4: shape[1] // 2] = 200
+    crm.answer_batch([dummy] * args.batch, [QUERY] * args.batch)
+    asm.segment(dummy, (shape[1] / 4, shape[0] / 4, shape[1] / 2, shape[0] / 2))
     base = rss_mb()
     t0 = time.perf_counter()
     if args.worker == "naive":

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2D image (PNG/JPEG/TIFF/BMP, DICOM, .npy); repeat for several")
     g.add_argument("--query", required=True, help="the clinical question")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--window", default=None, help="intensity window 'center,width' (e.g. 40,400)")
+    g.add_argument("--window", default=None,
+                   help="intensity window: a CT preset (abdomen, lung, brain, mediastinum, bone) or 'center,width'")
     g.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
                    help="progress display; 'json' prints one JSON line per step on stderr")
     _add_model_args(g)
@@ -102,18 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_window(text: str | None):
-    from medreasoner.errors import InputError
-    from medreasoner.intensity import Window
+    from medreasoner.intensity import parse_window
 
-    if not text:
-        return None
-    try:
-        c, w = (float(v) for v in text.split(","))
-    except ValueError as exc:
-        raise InputError(f"--window must be 'center,width', got {text!r}") from exc
-    if w <= 0:
-        raise InputError(f"--window width must be positive, got {w:g}")
-    return Window(c, w)
+    return None if not text else parse_window(text)
 
 
 def _output_paths(images: list[Path], out: Path) -> list[dict[str, Path]]:
@@ -213,13 +205,6 @@ def cmd_ground(args) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_NO_TARGET
 
 
-def _window_arg(text: str | None):
-    if text is None or "," not in text:
-        return text
-    w = _parse_window(text)
-    return (w.center, w.width)
-
-
 def cmd_segment_volume(args) -> int:
     from medreasoner.pipeline import check_query
     from medreasoner.volume_pipeline import VolumeGrounder, write_volume_outputs
@@ -236,7 +221,7 @@ def cmd_segment_volume(args) -> int:
         def report(stage, done, n):
             print(json.dumps({"stage": stage, "done": done, "total": n}), file=sys.stderr, flush=True)
     grounder = VolumeGrounder(pipe.crm, pipe.asm, args.prompt, args.batch_size)
-    res = grounder.run(volume, query, strategy=args.strategy, axis=args.axis, window=_window_arg(args.window),
+    res = grounder.run(volume, query, strategy=args.strategy, axis=args.axis, window=args.window,
                        slice_range=args.slices, key_slice=args.key_slice, keep_largest=not args.all_components,
                        progress=report, cancel=cancel)
     outputs = write_volume_outputs(res, args.out, stem="seg", inputs=[args.volume])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from medreasoner.errors import InputError
 
 # Robust range for images without a known window (MedSAM's recipe for MR and friends).
 LOW_PERCENTILE = 0.5
@@ -23,6 +27,45 @@ class Window:
     @property
     def high(self) -> float:
         return self.center + self.width / 2.0
+
+
+# CT display windows (center, width) in Hounsfield units.
+WINDOW_PRESETS: dict[str, Window] = {
+    "abdomen": Window(40.0, 400.0),
+    "lung": Window(-600.0, 1500.0),
+    "brain": Window(40.0, 80.0),
+    "mediastinum": Window(50.0, 350.0),
+    "bone": Window(400.0, 1800.0),
+}
+
+
+def parse_window(window: str | Window | tuple | list) -> Window:
+    """A preset name, 'center,width', a Window or (center, width) -> a checked Window."""
+    if isinstance(window, Window):
+        w = window
+    elif isinstance(window, str):
+        key = window.strip().lower()
+        if key in WINDOW_PRESETS:
+            return WINDOW_PRESETS[key]
+        numbers = re.fullmatch(r"\s*(-?[\d.]+(?:e-?\d+)?)\s*[,/: ]\s*([\d.]+(?:e-?\d+)?)\s*", key)
+        if numbers is None:
+            raise InputError(
+                f"unknown window {window!r}; use one of {', '.join(WINDOW_PRESETS)} or 'center,width'"
+            )
+        w = Window(float(numbers.group(1)), float(numbers.group(2)))
+    elif isinstance(window, (tuple, list)) and len(window) == 2:
+        try:
+            w = Window(float(window[0]), float(window[1]))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"window {window!r} must be (center, width) numbers") from exc
+    else:
+        raise InputError(
+            f"window must be a preset name ({', '.join(WINDOW_PRESETS)}), a Window or (center, width); "
+            f"got {window!r}"
+        )
+    if not (math.isfinite(w.center) and math.isfinite(w.width)) or w.width <= 0:
+        raise InputError(f"window width must be a positive number (center {w.center}, width {w.width})")
+    return w
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -68,20 +68,10 @@ def run_case(image_path: str, query: str, out_dir: Path, *, crm, asm, prompt: st
         return {"status": res.status, "message": res.message, "outputs": outputs, "warnings": res.warnings}
 
     from medreasoner.images import load_image
-    from medreasoner.intensity import Window
+    from medreasoner.intensity import parse_window
     from medreasoner.pipeline import GroundingPipeline
 
-    win = None
-    if window is not None:
-        from medreasoner.volumes import WINDOW_PRESETS
-
-        if isinstance(window, str):
-            if window not in WINDOW_PRESETS:
-                raise InputError(f"unknown window {window!r}; presets: {', '.join(WINDOW_PRESETS)}")
-            win = WINDOW_PRESETS[window]
-        else:
-            win = window if isinstance(window, Window) else Window(*window)
-    image = load_image(image_path, window=win)
+    image = load_image(image_path, window=None if window is None else parse_window(window))
     res = GroundingPipeline(crm, asm, prompt).run([image.rgb], [query], cancel=cancel)[0]
     paths = {"mask": out_dir / "mask.png", "result": out_dir / "result.json", "overlay": out_dir / "overlay.png"}
     guard_outputs(list(paths.values()), [Path(image_path)])

@@ -36,21 +36,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medreasoner.errors import InputError
-from medreasoner.intensity import HIGH_PERCENTILE, LOW_PERCENTILE, Window, _scale
+from medreasoner.intensity import (
+    HIGH_PERCENTILE,
+    LOW_PERCENTILE,
+    WINDOW_PRESETS,
+    Window,
+    _scale,
+    parse_window,
+)
 from medreasoner.outputs import guard_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK
 
 log = logging.getLogger(__name__)
-
-WINDOW_PRESETS: dict[str, Window] = {
-    "abdomen": Window(40.0, 400.0),
-    "lung": Window(-600.0, 1500.0),
-    "brain": Window(40.0, 80.0),
-    "mediastinum": Window(50.0, 350.0),
-    "bone": Window(400.0, 1800.0),
-}
 
 AXES = ("axial", "coronal", "sagittal")
 
@@ -530,34 +529,6 @@ def display_stack(volume: Volume, axis: str = "axial") -> DisplayStack:
 # ------------------------------------------------------------------------------------------- intensity
 
 
-def _parse_window(window: str | Window | tuple | list) -> Window:
-    if isinstance(window, Window):
-        w = window
-    elif isinstance(window, str):
-        key = window.strip().lower()
-        if key in WINDOW_PRESETS:
-            return WINDOW_PRESETS[key]
-        numbers = re.fullmatch(r"\s*(-?[\d.]+(?:e-?\d+)?)\s*[,/: ]\s*([\d.]+(?:e-?\d+)?)\s*", key)
-        if numbers is None:
-            raise InputError(
-                f"unknown window {window!r}; use one of {', '.join(WINDOW_PRESETS)} or 'center,width'"
-            )
-        w = Window(float(numbers.group(1)), float(numbers.group(2)))
-    elif isinstance(window, (tuple, list)) and len(window) == 2:
-        try:
-            w = Window(float(window[0]), float(window[1]))
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"window {window!r} must be (center, width) numbers") from exc
-    else:
-        raise InputError(
-            f"window must be a preset name ({', '.join(WINDOW_PRESETS)}), a Window or (center, width); "
-            f"got {window!r}"
-        )
-    if not (math.isfinite(w.center) and math.isfinite(w.width)) or w.width <= 0:
-        raise InputError(f"window width must be a positive number (center {w.center}, width {w.width})")
-    return w
-
-
 def window_for_query(query: str) -> str:
     """Name of the CT window preset the query's keywords point to (``abdomen`` when none matches)."""
     text = (query or "").lower()
@@ -574,7 +545,7 @@ def choose_window(volume: Volume, query: str = "", window: str | Window | tuple 
     None means percentile scaling (MR and volumes of unknown modality).
     """
     if window is not None:
-        return _parse_window(window)
+        return parse_window(window)
     if volume.modality.upper() == "CT":
         return WINDOW_PRESETS[window_for_query(query)]
     return None
