@@ -54,7 +54,10 @@ class ASM(ABC):
         next slice is prompted with the previous mask's box grown by 10%; it stops where the mask
         vanishes (fewer than ``min_area`` pixels). Video-capable ASMs (SAM2) override it.
         """
+        from tqdm import tqdm
+
         masks = {key_index: np.asarray(key_mask, bool)}
+        bar = tqdm(total=len(frames) - 1, desc="propagate (box tracking)", unit="slice", leave=False)
         for step in (1, -1):
             prev = masks[key_index]
             i = key_index + step
@@ -69,9 +72,11 @@ class ASM(ABC):
                     break
                 masks[i] = r.mask
                 prev = r.mask
+                bar.update(1)
                 if progress is not None:
                     progress(len(masks))
                 i += step
+        bar.close()
         return masks
 
 
