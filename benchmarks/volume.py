@@ -194,9 +194,12 @@ def main() -> None:
     c_asm = n["model"]["asm"] / max(1, n["counts"]["asm_encodes"])
     ks = results["keyslice"]
     c_prop = ks["model"].get("propagation", 0) / max(1, ks["counts"]["propagation_steps"])
-    # Assumed, not measured (no GPU was lent to this run): Qwen2.5-VL-7B bf16 on one H100, ~300-token
-    # reasoning completion at ~40 tokens/s single-stream (HF generate) -> ~7.5 s/call; batched x8 ~1.5 s/call;
-    # MedSAM2 (Hiera-T, 512) ~0.03 s per image encode+decode and ~0.05 s per propagated frame on a GPU.
+    # Assumed, not measured (no GPU was lent to this task). Derivation: decoding a 7B bf16 model reads
+    # ~15 GB of weights per token; at the H100 SXM's 3.35 TB/s (NVIDIA's spec) that bounds batch-1 decoding
+    # at ~4.5 ms/token (~220 tokens/s); HF `generate` overheads typically cut that 5x, so ~40 tokens/s, and
+    # a ~300-token reasoning answer costs ~7.5 s. Batches of 8 share the weight reads: ~1.5 s per answer.
+    # MedSAM2 (Hiera-T at 512, ~39M parameters) is ~100x smaller: ~0.03 s per image, ~0.05 s per
+    # propagated frame (memory attention included). Replace these with measured numbers when a GPU is lent.
     costs = {"tiny, CPU (measured)": (c_crm, c_crm_b, c_asm, c_prop),
              "7B + MedSAM2, H100 (assumed)": (7.5, 1.5, 0.03, 0.05)}
     print("\nper-call cost (s): CRM single / CRM batched / ASM encode+decode / propagation step")
