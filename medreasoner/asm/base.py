@@ -44,7 +44,10 @@ class ASM(ABC):
         """One prompt set per image; images are encoded in batches."""
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "checkpoint": self.checkpoint, "tiny_test_model": self.is_tiny}
+        from medreasoner.fingerprint import model_fingerprint
+
+        return {"name": self.name, "checkpoint": self.checkpoint, "fingerprint": model_fingerprint(self.checkpoint),
+                "tiny_test_model": self.is_tiny}
 
     def propagate(self, frames: Sequence[np.ndarray], key_index: int, key_mask: np.ndarray,
                   min_area: int = 10, cancel=None, progress=None) -> dict[int, np.ndarray]:

@@ -66,8 +66,10 @@ class CRM(ABC):
         return self.answer_batch([image], [question], prompt)[0]
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.model_id, "tiny_test_model": self.is_tiny,
-                **self.extra_description()}
+        from medreasoner.fingerprint import model_fingerprint
+
+        return {"backend": self.name, "model": self.model_id, "fingerprint": model_fingerprint(self.model_id),
+                "tiny_test_model": self.is_tiny, **self.extra_description()}
 
     def extra_description(self) -> dict[str, Any]:
         return {}
