@@ -227,3 +227,46 @@ def _base(text: str, gt_box, gt_pts) -> dict[str, float]:
                 out["base_points"] = 1.0 if d < 100.0 else 0.0
     out["total"] = sum(out[k] for k in BASE_KEYS)
     return out
+
+
+# --- adapters for trainers (TRL's reward-function signature) -------------------------------------
+def completion_text(completion: Any) -> str:
+    """TRL passes plain strings, or for chat prompts a list of messages; take the assistant text."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion:
+        content = completion[-1].get("content", "") if isinstance(completion[-1], dict) else completion[-1]
+        if isinstance(content, list):
+            return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return str(content)
+    return ""
+
+
+def component_rewards(mode: str = "soft") -> list:
+    """One callable per reward component, named after it, so trainers log each one separately.
+
+    Each has TRL's signature ``f(completions, ground_truth, **columns) -> list[float]``; their sum is
+    ``score(...)["total"]``.
+    """
+    keys = {"soft": SOFT_KEYS, "hard": SOFT_KEYS + HARD_KEYS, "base": BASE_KEYS}.get(mode)
+    if keys is None:
+        raise ValueError(f"unknown reward mode {mode!r}; choose soft, hard or base")
+    cache: dict[tuple[str, str], dict[str, float]] = {}
+
+    def scored(c: Any, gt: Any) -> dict[str, float]:
+        text = completion_text(c)
+        key = (text, gt if isinstance(gt, str) else json.dumps(gt, sort_keys=True))
+        if key not in cache:  # every component reads the same score; compute it once per batch
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = score(text, gt, mode)
+        return cache[key]
+
+    def make(name: str):
+        def reward(completions, ground_truth, **_columns) -> list[float]:
+            return [scored(c, g)[name] for c, g in zip(completions, ground_truth)]
+
+        reward.__name__ = name
+        return reward
+
+    return [make(k) for k in keys]

@@ -1,0 +1,1 @@
+"""MedReasoner trainers (GRPO, SFT) and bundle export; adapters over the medreasoner core."""
