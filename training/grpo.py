@@ -119,10 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--resume: no checkpoint in {out}; starting from scratch", file=sys.stderr)
     trainer = build_trainer(cfg)
     trainer.train(resume_from_checkpoint=resume)
+    final = out / "final"
+    trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the shards; only rank 0 writes
     if is_main_process():
-        final = out / "final"
-        trainer.save_model(str(final))
-        trainer.processing_class.save_pretrained(str(final))
         sidecar = Path(cfg.model) / "medreasoner_crm.json"
         if sidecar.is_file():  # keep the tiny-model marker and input size with the trained weights
             (final / sidecar.name).write_text(sidecar.read_text())
@@ -131,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             for h in trainer.state.log_history:
                 f.write(json.dumps(h) + "\n")
         plot_curves(trainer.state.log_history, out / "reward_curves.png", f"GRPO ({cfg.reward}) {Path(cfg.model).name}")
-        print(f"GRPO done: {trainer.state.global_step} steps; model in {final}; curves in {out / 'reward_curves.png'}")
+        print(f"GRPO done: {trainer.state.global_step} steps on {trainer.accelerator.num_processes} process(es); "
+              f"model in {final}; curves in {out / 'reward_curves.png'}")
     return 0
 
 
