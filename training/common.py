@@ -82,6 +82,13 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     unknown = sorted(set(values) - names)
     if unknown:
         raise SystemExit(f"unknown config keys: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    for f in dataclasses.fields(TrainConfig):  # YAML reads "1e-6" (no dot) as a string
+        v = values.get(f.name)
+        if isinstance(v, str) and f.type in ("float", "float | None", "int", "int | None"):
+            try:
+                values[f.name] = float(v) if f.type.startswith("float") else int(float(v))
+            except ValueError as exc:
+                raise SystemExit(f"{f.name} must be a number, got {v!r}") from exc
     return TrainConfig(**values)
 
 

@@ -266,22 +266,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return final
 
 
-def _coerce_floats(cfg: TrainConfig) -> TrainConfig:
-    """YAML 1.1 reads ``1e-3`` (no dot) as a string; accept it for the float keys."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if str(f.type).startswith("float") and isinstance(value, str):
-            try:
-                setattr(cfg, f.name, float(value))
-            except ValueError:
-                raise SystemExit(f"{f.name} must be a number, got {value!r}") from None
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = arg_parser("SFT baseline for the MedReasoner CRM (TRL SFTTrainer)").parse_args(argv)
-    cfg = _coerce_floats(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
     if not cfg.data:
         raise SystemExit("no training data: set `data` in the config or pass --set data=PATH")
     train(cfg, resume=args.resume)
