@@ -63,6 +63,7 @@ class Sample:
     category: str = ""
     data_source: str = "umrg"
     source: str = field(default="", repr=False)
+    reasoning: str | None = None  # a reasoning trace for SFT, where the data has one
 
     @property
     def width(self) -> int:
@@ -486,6 +487,7 @@ def _sample_from_row(row: Mapping[str, Any], cols: _Columns, n: int, split: str,
         category=str(extra.get("category") or ""),
         data_source=str(row.get("data_source") or "umrg"),
         source=str(source),
+        reasoning=extra.get("reasoning") or row.get("reasoning") or None,
     )
 
 
@@ -657,6 +659,7 @@ def _records_to_samples(records: list[dict], qfile: Path, images: Path, masks: P
             category=str(rec.get("category") or ""),
             data_source=str(rec.get("data_source") or data_source),
             source=str(image_path),
+            reasoning=rec.get("reasoning") or None,
         )
 
 
@@ -680,7 +683,7 @@ def _umrg_schema(pa):
         "prompt": [{"role": string, "content": string}],
         "reward_model": {"ground_truth": string},
         "data_source": string,
-        "extra_info": {"id": string, "supercategory": string, "category": string},
+        "extra_info": {"id": string, "supercategory": string, "category": string, "reasoning": string},
     }
     schema = pa.schema([
         ("images", pa.list_(image)),
@@ -688,7 +691,8 @@ def _umrg_schema(pa):
         ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
         ("reward_model", pa.struct([("ground_truth", pa.string())])),
         ("data_source", pa.string()),
-        ("extra_info", pa.struct([("id", pa.string()), ("supercategory", pa.string()), ("category", pa.string())])),
+        ("extra_info", pa.struct([("id", pa.string()), ("supercategory", pa.string()), ("category", pa.string()),
+                                  ("reasoning", pa.string())])),
     ])
     return schema.with_metadata({b"huggingface": json.dumps({"info": {"features": hf_features}}).encode()})
 
@@ -709,7 +713,8 @@ def _umrg_row(s: Sample) -> dict:
         "prompt": [{"role": "user", "content": s.query}],
         "reward_model": {"ground_truth": json.dumps(gt)},
         "data_source": s.data_source,
-        "extra_info": {"id": s.id, "supercategory": s.supercategory, "category": s.category},
+        "extra_info": {"id": s.id, "supercategory": s.supercategory, "category": s.category,
+                       "reasoning": s.reasoning},
     }
 
 

@@ -473,3 +473,23 @@ def test_build_dataset_command_from_volumes(tmp_path, capsys):
         (x1, y1), (x2, y2) = s.ground_truth["point_2d"]
         assert s.mask[y1, x1] and s.mask[y2, x2]
     assert main(["build-dataset", "--volumes", str(tmp_path / "pairs.csv"), "--out", str(out)]) == EXIT_INPUT
+
+
+def test_reasoning_traces_round_trip_and_feed_sft_targets(tmp_path):
+    """A sample's reasoning trace survives parquet and becomes the SFT target's <think> when asked."""
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
+    from training.common import TrainConfig, target_text
+
+    img = np.zeros((20, 20, 3), np.uint8)
+    m = np.zeros((20, 20), bool)
+    m[4:12, 5:15] = True
+    s = Sample(id="r0", image=img, mask=m, query="Where?", ground_truth=ground_truth_from_mask(m),
+               reasoning="The bright band sits in the upper half.")
+    back = load_samples(write_parquet([s], tmp_path / "r.parquet"))[0]
+    assert back.reasoning == s.reasoning
+    with_trace = target_text(back.ground_truth, TrainConfig(sft_targets="reasoning"), back)
+    assert with_trace.startswith("<think>The bright band sits in the upper half.</think><answer>")
+    assert "bright band" not in target_text(back.ground_truth, TrainConfig(sft_targets="answer"), back)
