@@ -190,7 +190,7 @@ def test_parquet_round_trip_and_datasets_reads_it(tmp_path, rng):
     assert np.array_equal(np.asarray(row["masks"][0]) > 0, samples[0].mask)
     assert row["prompt"] == [{"role": "user", "content": "Which organ 0?"}]
     assert json.loads(row["reward_model"]["ground_truth"]) == samples[0].ground_truth
-    assert row["extra_info"] == {"id": "s0", "supercategory": "abdomen", "category": "organ0"}
+    assert row["extra_info"] == {"id": "s0", "supercategory": "abdomen", "category": "organ0", "reasoning": None}
 
     # A datasets folder (save_to_disk), as a DatasetDict and as a single Dataset.
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dict"))
