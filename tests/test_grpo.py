@@ -108,3 +108,13 @@ def test_two_cpu_processes_through_accelerate(tiny_models, tiny_parquet, tmp_pat
     assert p.returncode == 0, p.stderr[-3000:]
     assert "on 2 process(es)" in p.stdout
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_mask_dice_reward_from_a_real_asm(tiny_models, tiny_parquet, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, *grpo_cmd(tiny_models, tiny_parquet, out, "--set", "max_steps=1", "--set", "mask_reward=true",
+                                     "--set", "mask_reward_asm=litemedsam")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= first["rewards/mask_dice_asm/mean"] <= 1.0

@@ -119,18 +119,43 @@ def scaled_ground_truth(gt: dict, w: int, h: int, size: int) -> dict:
 
 
 def build_rows(cfg: TrainConfig, with_answers: bool = False) -> list[dict]:
+    """All rows in memory (small data, tests); trainers use :func:`training_dataset`."""
+    rows = list(iter_rows(cfg, with_answers))
+    if not rows:
+        raise SystemExit(f"no training samples in {cfg.data} (split {cfg.split})")
+    return rows
+
+
+def training_dataset(cfg: TrainConfig, with_answers: bool = False, columns: tuple[str, ...] | None = None):
+    """A ``datasets.Dataset`` streamed row by row to an Arrow cache next to the run, so the resized
+    images of a 14K-sample dataset are never all in memory at once."""
+    from datasets import Dataset
+
+    cache = Path(cfg.output_dir) / ".dataset_cache"
+    ds = Dataset.from_generator(_generate, gen_kwargs={"config": dataclasses.asdict(cfg), "with_answers": with_answers},
+                                cache_dir=str(cache))
+    if len(ds) == 0:
+        raise SystemExit(f"no training samples in {cfg.data} (split {cfg.split})")
+    return ds.select_columns(list(columns)) if columns else ds
+
+
+def _generate(config: dict, with_answers: bool):
+    yield from iter_rows(TrainConfig(**config), with_answers)
+
+
+def iter_rows(cfg: TrainConfig, with_answers: bool = False):
     """Dataset rows for TRL: chat prompt (image + our prompt), the resized image, GT in model pixels.
 
     With ``with_answers`` (SFT), each row also gets the target completion built from the GT.
     """
     from PIL import Image
 
-    from medreasoner.data import load_samples
     from medreasoner.prompts import build_prompt
 
     size = model_image_size(cfg)
-    rows = []
-    for s in load_samples(cfg.data, split=cfg.split, limit=cfg.limit):
+    from medreasoner.data import iter_samples
+
+    for s in iter_samples(cfg.data, split=cfg.split, limit=cfg.limit):
         h, w = s.image.shape[:2]
         gt = scaled_ground_truth(s.ground_truth, w, h, size)
         row = {
@@ -140,15 +165,14 @@ def build_rows(cfg: TrainConfig, with_answers: bool = False) -> list[dict]:
             "image": Image.fromarray(s.image).resize((size, size), Image.BICUBIC),
             "ground_truth": json.dumps(gt),
         }
-        if s.mask is not None:
+        if cfg.mask_reward:  # only the mask-Dice reward reads masks; then every sample needs one
+            if s.mask is None:
+                raise SystemExit(f"mask_reward is on but sample {s.id} has no mask")
             row["mask"] = Image.fromarray(s.mask.astype("uint8") * 255).resize((size, size), Image.NEAREST)
         if with_answers:
             row["completion"] = [{"role": "assistant", "content": [{"type": "text",
                                                                     "text": target_text(gt, cfg, s)}]}]
-        rows.append(row)
-    if not rows:
-        raise SystemExit(f"no training samples in {cfg.data} (split {cfg.split})")
-    return rows
+        yield row
 
 
 def target_text(gt: dict, cfg: TrainConfig, sample=None) -> str:

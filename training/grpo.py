@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from training.common import (  # noqa: E402
     TrainConfig,
     arg_parser,
-    build_rows,
     is_main_process,
     load_config,
     newest_checkpoint,
     plot_curves,
     report_to,
     resolve_precision,
+    training_dataset,
 )
 
 
@@ -61,15 +61,13 @@ def mask_dice_reward(cfg: TrainConfig):
 
 def build_trainer(cfg: TrainConfig):
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import GRPOConfig, GRPOTrainer
 
     from medreasoner.rewards import component_rewards
 
     bf16, grad_ckpt = resolve_precision(cfg)
-    rows = build_rows(cfg)
-    dataset = Dataset.from_list(rows)
+    dataset = training_dataset(cfg)
     processor = AutoProcessor.from_pretrained(cfg.model, padding_side="left", trust_remote_code=False)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype, trust_remote_code=False)
@@ -94,15 +92,15 @@ def build_trainer(cfg: TrainConfig):
         use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode, log_completions=False, dataloader_num_workers=0,
         remove_unused_columns=False,
     )
-    _check_prompt_length(processor, rows, cfg)
+    _check_prompt_length(processor, dataset[0], cfg)
     return GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
                        processing_class=processor, peft_config=peft_config)
 
 
-def _check_prompt_length(processor, rows, cfg: TrainConfig) -> None:
+def _check_prompt_length(processor, row, cfg: TrainConfig) -> None:
     """VLM prompts cannot be truncated safely (image tokens); refuse overlong ones up front."""
-    text = processor.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
-    n = len(processor(text=[text], images=[rows[0]["image"]], return_tensors="pt")["input_ids"][0])
+    text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    n = len(processor(text=[text], images=[row["image"]], return_tensors="pt")["input_ids"][0])
     if n > cfg.max_prompt_length:
         raise SystemExit(f"prompt is {n} tokens (image included) > max_prompt_length {cfg.max_prompt_length}; "
                          "lower image_size or raise max_prompt_length")

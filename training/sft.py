@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python train
 from training.common import (  # noqa: E402
     TrainConfig,
     arg_parser,
-    build_rows,
     is_main_process,
     load_config,
     newest_checkpoint,
     report_to,
     resolve_precision,
+    training_dataset,
 )
 
 log = logging.getLogger("medreasoner.training.sft")
@@ -139,11 +139,7 @@ def build_dataset(cfg: TrainConfig):
     A Dataset (not the plain list) matters: TRL's vision collator pops ``image`` from and rewrites
     ``prompt`` in the examples it gets, and a Dataset hands out fresh dicts on every access.
     """
-    from datasets import Dataset
-
-    rows = build_rows(cfg, with_answers=True)
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], "image": r["image"]}
-                              for r in rows])
+    return training_dataset(cfg, with_answers=True, columns=("prompt", "completion", "image"))
 
 
 def sft_config(cfg: TrainConfig):

@@ -1,0 +1,339 @@
+"""Learning check: does SFT + GRPO on MedReasoner's soft reward really improve grounding?
+
+    python benchmarks/toy_grounding.py [--quick] [--out DIR] [--sft-steps N] [--grpo-steps N] ...
+
+A synthetic grounding task small enough for CPU: 112x112 noise images (the tiny CRM's input size,
+so model pixels == image pixels) with 2-3 non-overlapping shapes (a bright disc, a mid-grey bar, a
+dim square, random sizes and positions). The question names one shape by a property ("Which
+structure is the brightest?", "Where is the darkest object?", "Which is the largest object?"); the
+ground truth is derived from that shape's mask with ``keypoints.ground_truth_from_mask``.
+
+Stages, all on a random-weight tiny Qwen2.5-VL (``build_tiny_crm(format_steps=0)``):
+untrained -> SFT warm-up (``training/sft.py``, full fine-tuning) -> GRPO on the soft reward
+(``training/grpo.py``, full fine-tuning, from the SFT model). After each stage the held-out split is
+answered greedily through ``medreasoner.crm.load_crm(...).answer_batch`` and scored with
+``rewards.score(..., "soft")`` and the box IoU. Targets: GRPO raises the held-out reward over SFT,
+and the box IoU by >= 0.05.
+
+Outputs go to ``--out`` (default ``/tmp/medreasoner_toy_grounding``, outside the repository):
+data, run folders, ``sft_loss.png``, ``grpo_reward.png`` and ``results.json``.
+The full run is sized for ~20 minutes on 2 CPU cores; ``--quick`` is a ~3-minute smoke version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZE = 112  # medreasoner.tiny.TINY_IMAGE_SIZE (checked in main)
+KINDS = {  # kind -> grey level range; the brightness order is fixed by kind, sizes are random
+    "disc": (215, 250),
+    "bar": (140, 170),
+    "square": (85, 110),
+}
+QUESTIONS = {
+    "brightest": ["Which structure is the brightest?", "Where is the brightest object?",
+                  "Locate the most hyperintense structure."],
+    "darkest": ["Where is the darkest object?", "Which structure is the least bright?",
+                "Locate the faintest structure."],
+    "largest": ["Which is the largest object?", "Where is the biggest structure?",
+                "Locate the structure covering the most area."],
+}
+
+
+# --- synthetic data -------------------------------------------------------------------------------
+def _shape_mask(kind: str, rng: random.Random) -> np.ndarray:
+    """A shape's mask in its own tight frame."""
+    if kind == "disc":
+        r = rng.randint(6, 16)
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        return (xx ** 2 + yy ** 2) <= r * r + r // 2
+    if kind == "square":
+        s = rng.randint(10, 30)
+        return np.ones((s, s), bool)
+    long, short = rng.randint(18, 44), rng.randint(6, 11)  # bar, horizontal or vertical
+    return np.ones((short, long) if rng.random() < 0.5 else (long, short), bool)
+
+
+def make_sample(idx: int, rng: random.Random, split: str):
+    """One Sample: noise background, 2-3 shapes, a question about one of them; None if unplaceable."""
+    from medreasoner.data import Sample
+    from medreasoner.keypoints import ground_truth_from_mask
+
+    kinds = rng.sample(list(KINDS), rng.choice([2, 3]))
+    np_rng = np.random.default_rng(rng.randrange(1 << 30))
+    img = np_rng.integers(0, 60, (SIZE, SIZE), dtype=np.int16)
+    occupied = np.zeros((SIZE, SIZE), bool)
+    masks: dict[str, np.ndarray] = {}
+    for kind in kinds:
+        for _ in range(50):
+            m = _shape_mask(kind, rng)
+            h, w = m.shape
+            y, x = rng.randint(2, SIZE - h - 2), rng.randint(2, SIZE - w - 2)
+            full = np.zeros((SIZE, SIZE), bool)
+            full[y:y + h, x:x + w] = m
+            if not (occupied[max(0, y - 4):y + h + 4, max(0, x - 4):x + w + 4]).any():
+                occupied |= full
+                masks[kind] = full
+                break
+        else:
+            return None
+    for kind, m in masks.items():
+        lo, hi = KINDS[kind]
+        img[m] = rng.randint(lo, hi) + np_rng.integers(-8, 9, int(m.sum()))
+    areas = {k: int(m.sum()) for k, m in masks.items()}
+    ranked = sorted(areas.values(), reverse=True)
+    props = ["brightest", "darkest"]
+    if ranked[0] >= 1.3 * ranked[1]:  # "largest" only when it is clearly defined
+        props.append("largest")
+    prop = rng.choice(props)
+    if prop == "brightest":
+        target = max(masks, key=lambda k: KINDS[k][0])
+    elif prop == "darkest":
+        target = min(masks, key=lambda k: KINDS[k][0])
+    else:
+        target = max(areas, key=areas.get)
+    rgb = np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    mask = masks[target]
+    return Sample(id=f"{split}-{idx:04d}", image=rgb, mask=mask, query=rng.choice(QUESTIONS[prop]),
+                  ground_truth=ground_truth_from_mask(mask), supercategory="toy", category=f"{prop}:{target}",
+                  data_source="toy_grounding")
+
+
+def make_split(n: int, seed: int, split: str) -> list:
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        s = make_sample(len(out), rng, split)
+        if s is not None:
+            out.append(s)
+    return out
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+def evaluate(model_dir: str, samples: list, max_new_tokens: int, prompt: str, batch: int = 16) -> dict:
+    from medreasoner.crm import load_crm
+    from medreasoner.geometry import box_iou
+    from medreasoner.rewards import score
+
+    t0 = time.perf_counter()
+    crm = load_crm(model_dir, device="cpu")
+    crm.generation.max_new_tokens = max_new_tokens
+    crm.generation.do_sample = False
+    crm.batch_size = batch
+    answers = crm.answer_batch([s.image for s in samples], [s.query for s in samples], prompt=prompt)
+    rewards, ious, valid = [], [], []
+    for s, a in zip(samples, answers):
+        sc = score(a.text, s.ground_truth, "soft")  # 112 px images: model pixels == image pixels
+        rewards.append(sc["total"])
+        valid.append(sc["format_answer"] == 1.0)
+        box = a.answer.box
+        ious.append(float(box_iou(box, s.ground_truth["bbox_2d"])) if box is not None else 0.0)
+    return {"reward": float(np.mean(rewards)), "iou": float(np.mean(ious)), "valid": float(np.mean(valid)),
+            "eval_seconds": time.perf_counter() - t0, "example": answers[0].text}
+
+
+# --- training stages ------------------------------------------------------------------------------
+def _common_sets(a: argparse.Namespace) -> list[str]:
+    return ["lora=false", "bf16=false", "gradient_checkpointing=false", "report_to=[]", f"prompt={a.prompt}",
+            "image_size=112", f"seed={a.seed}", "logging_steps=1", "save_total_limit=1"]
+
+
+def _run(main, sets: list[str]) -> None:
+    argv = []
+    for s in sets:
+        argv += ["--set", s]
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"training failed (exit {rc})")
+
+
+def run_sft(a, data: Path, base: str, out: Path) -> Path:
+    from training import sft
+
+    _run(sft.main, _common_sets(a) + [
+        f"model={base}", f"data={data}", "split=train", f"output_dir={out}", f"learning_rate={a.sft_lr}",
+        f"max_steps={a.sft_steps}", f"per_device_train_batch_size={a.sft_batch}", "lr_scheduler_type=cosine",
+        "warmup_ratio=0.05", f"save_steps={a.sft_steps}", "num_train_epochs=1000",
+    ])
+    return out / "final"
+
+
+def run_grpo(a, data: Path, base: Path, out: Path) -> Path:
+    from training import grpo
+
+    _run(grpo.main, _common_sets(a) + [
+        f"model={base}", f"data={data}", "split=train", f"output_dir={out}", "reward=soft",
+        f"num_generations={a.num_generations}", f"per_device_train_batch_size={a.grpo_batch}",
+        f"learning_rate={a.grpo_lr}", f"beta={a.beta}", f"temperature={a.temperature}",
+        f"max_completion_length={a.max_completion_length}", f"max_steps={a.grpo_steps}",
+        f"save_steps={a.grpo_steps}", "num_train_epochs=1000", "lr_scheduler_type=constant",
+    ])
+    return out / "final"
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curve(rows: list[dict], keys: list[str], path: Path, title: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k in keys:
+        pts = [(h["step"], h[k]) for h in rows if k in h and "step" in h]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        line, = ax.plot(xs, ys, alpha=0.35 if len(ys) > 10 else 1.0, label=k)
+        if len(ys) > 10:  # moving average over ~10% of the run
+            w = max(2, len(ys) // 10)
+            ma = np.convolve(ys, np.ones(w) / w, mode="valid")
+            ax.plot(xs[w - 1:], ma, color=line.get_color(), label=f"{k} (avg {w})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --- main -----------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="~3-minute smoke version (fewer samples and steps)")
+    ap.add_argument("--out", default="/tmp/medreasoner_toy_grounding", help="output folder (replaced)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--n-test", type=int, default=None)
+    ap.add_argument("--prompt", default="direct", choices=["direct", "reasoning"])
+    ap.add_argument("--sft-steps", type=int, default=None)
+    ap.add_argument("--sft-batch", type=int, default=8)
+    ap.add_argument("--sft-lr", type=float, default=2e-3)
+    ap.add_argument("--grpo-steps", type=int, default=None)
+    ap.add_argument("--grpo-batch", type=int, default=16, help="completions per step (prompts x generations)")
+    ap.add_argument("--num-generations", type=int, default=8)
+    ap.add_argument("--grpo-lr", type=float, default=2e-4)
+    ap.add_argument("--beta", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-completion-length", type=int, default=None)
+    a = ap.parse_args(argv)
+    quick = {"n_train": 48, "n_test": 16, "sft_steps": 60, "grpo_steps": 8}
+    full = {"n_train": 128, "n_test": 32, "sft_steps": 500, "grpo_steps": 60}
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    import torch
+
+    from medreasoner.data import write_parquet
+    from medreasoner.tiny import TINY_IMAGE_SIZE, build_tiny_crm
+    from training.common import TrainConfig, target_text
+
+    assert TINY_IMAGE_SIZE == SIZE
+    torch.manual_seed(a.seed)
+    out = Path(a.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    train, test = make_split(a.n_train, a.seed, "train"), make_split(a.n_test, a.seed + 1000, "test")
+    train_pq = write_parquet(train, out / "data" / "train.parquet")
+    write_parquet(test, out / "data" / "test.parquet")
+    cfg = TrainConfig(prompt=a.prompt)
+    answer_tokens = max(len(target_text(s.ground_truth, cfg)) for s in train + test)  # chars >= tokens
+    if a.max_completion_length is None:
+        a.max_completion_length = min(answer_tokens + 8, 128)
+    eval_tokens = a.max_completion_length
+    print(f"data: {len(train)} train / {len(test)} held-out samples in {out / 'data'}; "
+          f"longest target {answer_tokens} chars; max_completion_length {a.max_completion_length}", flush=True)
+
+    base = build_tiny_crm(out / "tiny_crm", format_steps=0, seed=a.seed)
+    stages: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    stages["untrained"] = {**evaluate(str(base), test, eval_tokens, a.prompt), "train_seconds": 0.0}
+    stages["untrained"]["wall_seconds"] = time.perf_counter() - t0
+    print(f"untrained: {stages['untrained']}", flush=True)
+
+    t0 = time.perf_counter()
+    sft_final = run_sft(a, train_pq, str(base), out / "sft")
+    t_train = time.perf_counter() - t0
+    stages["sft"] = {**evaluate(str(sft_final), test, eval_tokens, a.prompt), "train_seconds": t_train}
+    stages["sft"]["wall_seconds"] = time.perf_counter() - t0
+    print(f"sft: {stages['sft']}", flush=True)
+
+    t0 = time.perf_counter()
+    grpo_final = run_grpo(a, train_pq, sft_final, out / "grpo")
+    t_train = time.perf_counter() - t0
+    stages["grpo"] = {**evaluate(str(grpo_final), test, eval_tokens, a.prompt), "train_seconds": t_train}
+    stages["grpo"]["wall_seconds"] = time.perf_counter() - t0
+    print(f"grpo: {stages['grpo']}", flush=True)
+
+    sft_log, grpo_log = _log(out / "sft" / "train_log.jsonl"), _log(out / "grpo" / "train_log.jsonl")
+    plot_curve(sft_log, ["loss"], out / "sft_loss.png", "SFT warm-up: training loss", "loss (completion tokens)")
+    rkeys = ["reward"] + sorted({k for h in grpo_log for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    plot_curve(grpo_log, rkeys, out / "grpo_reward.png", "GRPO (soft reward): mean reward per step", "reward")
+
+    d_reward = stages["grpo"]["reward"] - stages["sft"]["reward"]
+    d_iou = stages["grpo"]["iou"] - stages["sft"]["iou"]
+    total = time.perf_counter() - t_start
+    curve = [h["reward"] for h in grpo_log if "reward" in h]
+    k = max(1, len(curve) // 5)
+    hp = {k2: v for k2, v in vars(a).items()}
+    results = {
+        "hyperparameters": hp, "stages": stages,
+        "deltas_grpo_minus_sft": {"reward": d_reward, "iou": d_iou},
+        "targets": {"reward_up": d_reward > 0, "iou_up_0.05": d_iou >= 0.05},
+        "grpo_train_reward_first_last": [float(np.mean(curve[:k])), float(np.mean(curve[-k:]))] if curve else None,
+        "sft_loss_first_last": [sft_log[0].get("loss"), next((h["loss"] for h in reversed(sft_log) if "loss" in h),
+                                                             None)],
+        "total_seconds": total, "torch_threads": torch.get_num_threads(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    print()
+    print(f"toy grounding learning check ({'quick' if a.quick else 'full'}): {len(train)} train / "
+          f"{len(test)} held-out, prompt={a.prompt}, torch threads={torch.get_num_threads()}")
+    hdr = f"{'stage':<11}{'soft reward':>13}{'box IoU':>10}{'valid fmt':>11}{'train s':>9}{'wall s':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, r in stages.items():
+        print(f"{name:<11}{r['reward']:>13.4f}{r['iou']:>10.4f}{r['valid']:>11.3f}{r['train_seconds']:>9.1f}"
+              f"{r['wall_seconds']:>9.1f}")
+    print(f"GRPO - SFT: reward {d_reward:+.4f} (target > 0: {'MET' if d_reward > 0 else 'MISSED'}), "
+          f"IoU {d_iou:+.4f} (target >= +0.05: {'MET' if d_iou >= 0.05 else 'MISSED'})")
+    if results["grpo_train_reward_first_last"]:
+        f, last = results["grpo_train_reward_first_last"]
+        print(f"GRPO training reward: first {k} steps {f:.4f} -> last {k} steps {last:.4f}")
+    print(f"curves: {out / 'sft_loss.png'}, {out / 'grpo_reward.png'}; numbers: {out / 'results.json'}")
+    print(f"total time {total:.1f} s ({total / 60:.1f} min)")
+    if not math.isfinite(d_reward):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
