@@ -235,9 +235,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-completion-length", type=int, default=None)
+    ap.add_argument("--from-sft", default=None, metavar="DIR",
+                    help="reuse this SFT model (a previous run's sft/final) instead of training one: for GRPO tuning")
     a = ap.parse_args(argv)
     quick = {"n_train": 48, "n_test": 16, "sft_steps": 60, "grpo_steps": 8}
-    full = {"n_train": 128, "n_test": 32, "sft_steps": 500, "grpo_steps": 60}
+    full = {"n_train": 512, "n_test": 64, "sft_steps": 1500, "grpo_steps": 150}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -279,7 +281,11 @@ def main(argv=None) -> int:
     print(f"untrained: {stages['untrained']}", flush=True)
 
     t0 = time.perf_counter()
-    sft_final = run_sft(a, train_pq, str(base), out / "sft")
+    if a.from_sft:  # same seed and sizes -> same data; the SFT log is copied for the plot
+        shutil.copytree(Path(a.from_sft).parent, out / "sft")
+        sft_final = out / "sft" / "final"
+    else:
+        sft_final = run_sft(a, train_pq, str(base), out / "sft")
     t_train = time.perf_counter() - t0
     stages["sft"] = {**evaluate(str(sft_final), test, eval_tokens, a.prompt), "train_seconds": t_train}
     stages["sft"]["wall_seconds"] = time.perf_counter() - t0

@@ -18,9 +18,7 @@ import contextlib
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 from medreasoner.errors import InputError
 from medreasoner.images import image_from_array, load_image
 from medreasoner.keypoints import ground_truth_from_mask
-from medreasoner.outputs import guard_outputs, png_bytes
+from medreasoner.outputs import atomic_write_with, guard_outputs, png_bytes
 
 QUERY_FILES = ("queries.jsonl", "queries.json")
 HF_MARKERS = ("dataset_dict.json", "state.json")  # what ``save_to_disk`` writes (dict / single dataset)
@@ -157,20 +155,14 @@ def write_parquet(samples: Iterable[Sample], path: str | Path, *, inputs: Sequen
 
     schema = _umrg_schema(pa)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
             for start in range(0, len(samples), _BATCH):
                 rows = [_umrg_row(s) for s in samples[start:start + _BATCH]]
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+    return atomic_write_with(out, write)
 
 
 def samples_from_2d(images_dir: str | Path, masks_dir: str | Path, queries_file: str | Path, *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,27 @@ import numpy as np
 from medreasoner.errors import InputError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def atomic_write_with(path: Path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Let ``write(tmp_path)`` fill a temporary file in the same folder, then rename it over ``path``:
+    readers never see half a file, and a failed write leaves nothing behind. ``suffix`` lets writers
+    that choose a format by extension (SimpleITK) see the real one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def png_bytes(image) -> bytes:

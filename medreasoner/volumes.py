@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from medreasoner.intensity import (
     _scale,
     parse_window,
 )
-from medreasoner.outputs import guard_outputs
+from medreasoner.outputs import atomic_write_with, guard_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK
@@ -657,18 +656,10 @@ def write_segmentation(mask: SimpleITK.Image, path: str | os.PathLike, *, name: 
         for key, value in _slicer_fields(sitk.GetArrayViewFromImage(labels), name, rgb).items():
             labels.SetMetaData(key, value)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{suffix}", dir=out.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         try:
             sitk.WriteImage(labels, tmp, True)
         except RuntimeError as exc:
             raise OSError(f"could not write {out}: {_first_line(exc)}") from exc
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+    return atomic_write_with(out, write, suffix=f".tmp{suffix}")
