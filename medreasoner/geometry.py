@@ -86,6 +86,8 @@ def lens_area(r1: float, r2: float, d: float) -> float:
     Robust at the edges: disjoint (0), one inside the other (smaller disc), and acos arguments
     clamped to [-1, 1] against rounding.
     """
+    if r1 < r2:  # one fixed argument order: the rounding, and so the result, is symmetric
+        r1, r2 = r2, r1
     if r1 <= 0 or r2 <= 0 or d >= r1 + r2:
         return 0.0
     if d <= abs(r1 - r2):

@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from medreasoner.geometry import box_iou, lens_area
@@ -134,6 +134,8 @@ def test_bounds(pb, gb, p1, p2, g1, g2, mode):
 
 @settings(max_examples=200, deadline=None)
 @given(a=box_st, b=box_st, p1=pt_st, p2=pt_st, g1=pt_st, g2=pt_st)
+@example(a=[0.0, 0.0, 1.0, 1.0], b=[0.0, 0.0, 1.0, 1.0], p1=[0.0, 124.0], p2=[0.0, 125.0], g1=[0.0, 125.0],
+         g2=[0.0, 3.6943826934909367])  # a sliver lens: found by hypothesis in CI
 def test_symmetries(a, b, p1, p2, g1, g2):
     assert box_iou(a, b) == pytest.approx(box_iou(b, a))
     assert 0.0 <= box_iou(a, b) <= 1.0
