@@ -98,7 +98,7 @@ def candidate_slices(fractions: dict[int, float], n: int) -> list[int]:
     return sorted({min(body, key=lambda b, p=p: abs(b - p)) for p in picks})
 
 
-def largest_component(masks: dict[int, np.ndarray], n: int) -> dict[int, np.ndarray]:
+def largest_component(masks: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Keep the largest 26-connected 3D component of a {slice: mask} stack."""
     if not masks:
         return masks
@@ -153,7 +153,7 @@ class VolumeGrounder:
             masks, per_slice, chosen = self._slicewise(images, fractions, query)
         if keep_largest and masks:
             t0 = time.perf_counter()
-            masks = largest_component(masks, n)
+            masks = largest_component(masks)
             self._timings["largest_component"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         mask_image = stack.to_volume_mask(masks)

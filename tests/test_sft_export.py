@@ -106,20 +106,21 @@ def _check_run(out: Path, steps: int) -> list[dict]:
     return history
 
 
+def _two_step_run(tmp_path_factory, tiny_crm, umrg_parquet, lora: bool) -> Path:
+    tmp = tmp_path_factory.mktemp("lora" if lora else "full")
+    out = tmp / "run"
+    _ok(_sft(_config(tmp, tiny_crm, umrg_parquet, lora=lora, output_dir=str(out)), "max_steps=2"))
+    return out
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_crm, umrg_parquet) -> Path:
-    tmp = tmp_path_factory.mktemp("lora")
-    out = tmp / "run"
-    _ok(_sft(_config(tmp, tiny_crm, umrg_parquet, lora=True, output_dir=str(out)), "max_steps=2"))
-    return out
+    return _two_step_run(tmp_path_factory, tiny_crm, umrg_parquet, lora=True)
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_crm, umrg_parquet) -> Path:
-    tmp = tmp_path_factory.mktemp("full")
-    out = tmp / "run"
-    _ok(_sft(_config(tmp, tiny_crm, umrg_parquet, lora=False, output_dir=str(out)), "max_steps=2"))
-    return out
+    return _two_step_run(tmp_path_factory, tiny_crm, umrg_parquet, lora=False)
 
 
 def test_sft_lora_two_steps(lora_run, tiny_crm):

@@ -110,7 +110,7 @@ def test_largest_component_keeps_the_biggest_blob():
     for i in range(3):
         m[i][2:6, 2:6] = True
     m[4][8:10, 8:10] = True
-    kept = largest_component(m, 5)
+    kept = largest_component(m)
     assert sorted(kept) == [0, 1, 2] and kept[0].sum() == 16
 
 
