@@ -122,11 +122,21 @@ def _output_paths(images: list[Path], out: Path) -> list[dict[str, Path]]:
     return paths
 
 
+def _json_progress(stage: str, done: int, total: int) -> None:
+    print(json.dumps({"stage": stage, "done": done, "total": total}), file=sys.stderr, flush=True)
+
+
+def _cancel_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT set the returned flag; jobs stop between batches and write nothing partial."""
+    cancel = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: cancel.set())
+    return cancel
+
+
 def _progress(kind: str, total: int):
     if kind == "json":
-        def report(stage, done, n):
-            print(json.dumps({"stage": stage, "done": done, "total": n}), file=sys.stderr, flush=True)
-        return report, None
+        return _json_progress, None
     if kind == "bar":
         from tqdm import tqdm
 
@@ -177,9 +187,7 @@ def cmd_ground(args) -> int:
 
     pipe = _build_pipeline(args)
 
-    cancel = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # stop between batches; write nothing partial
-        signal.signal(sig, lambda *_: cancel.set())
+    cancel = _cancel_on_signals()
     report, bar = _progress(args.progress, len(images))
     try:
         results = pipe.run([im.rgb for im in images], [query] * len(images), progress=report, cancel=cancel)
@@ -213,13 +221,9 @@ def cmd_segment_volume(args) -> int:
     query = check_query(args.query)
     volume = read_volume(args.volume)  # input problems surface before the models load
     pipe = _build_pipeline(args)
-    cancel = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: cancel.set())
-    report = None
-    if args.progress == "json":
-        def report(stage, done, n):
-            print(json.dumps({"stage": stage, "done": done, "total": n}), file=sys.stderr, flush=True)
+    cancel = _cancel_on_signals()
+    # the grounder draws its own tqdm bars per stage; only JSON lines need a reporter here
+    report = _json_progress if args.progress == "json" else None
     grounder = VolumeGrounder(pipe.crm, pipe.asm, args.prompt, args.batch_size)
     res = grounder.run(volume, query, strategy=args.strategy, axis=args.axis, window=args.window,
                        slice_range=args.slices, key_slice=args.key_slice, keep_largest=not args.all_components,
@@ -248,9 +252,7 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out)
     samples = load_samples(args.data, split=args.split, limit=args.limit)
     pipe = _build_pipeline(args, device)
-    cancel = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: cancel.set())
+    cancel = _cancel_on_signals()
     report, bar = _progress(args.progress, 0)
 
     def on_progress(done, total):
