@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def real_slices(n: int) -> list[np.ndarray]:
     from pydicom.data import get_testdata_file
 
-    from medreasoner.images import load_image
+    from medreasoner.io.images import load_image
 
     base = [load_image(get_testdata_file(f)).rgb for f in ("CT_small.dcm", "MR_small.dcm")]
     out = []
@@ -72,10 +72,10 @@ def main() -> None:
 
     import torch
 
-    from medreasoner.asm import load_asm
-    from medreasoner.crm import load_crm
+    from medreasoner.models.asm import load_asm
+    from medreasoner.models.crm import load_crm
     from medreasoner.pipeline import GroundingPipeline
-    from medreasoner.tiny import build_tiny_crm
+    from medreasoner.models.tiny import build_tiny_crm
 
     tmp = tempfile.TemporaryDirectory()
     crm_path = args.crm or str(build_tiny_crm(os.path.join(tmp.name, "crm"), format_steps=150))

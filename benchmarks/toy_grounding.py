@@ -11,7 +11,7 @@ ground truth is derived from that shape's mask with ``keypoints.ground_truth_fro
 Stages, all on a random-weight tiny Qwen2.5-VL (``build_tiny_crm(format_steps=0)``):
 untrained -> SFT warm-up (``training/sft.py``, full fine-tuning) -> GRPO on the soft reward
 (``training/grpo.py``, full fine-tuning, from the SFT model). After each stage the held-out split is
-answered greedily through ``medreasoner.crm.load_crm(...).answer_batch`` and scored with
+answered greedily through ``medreasoner.models.crm.load_crm(...).answer_batch`` and scored with
 ``rewards.score(..., "soft")`` and the box IoU. Targets: GRPO raises the held-out reward over SFT,
 and the box IoU by >= 0.05.
 
@@ -39,7 +39,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SIZE = 112  # medreasoner.tiny.TINY_IMAGE_SIZE (checked in main)
+SIZE = 112  # medreasoner.models.tiny.TINY_IMAGE_SIZE (checked in main)
 KINDS = {  # kind -> grey level range; the brightness order is fixed by kind, sizes are random
     "disc": (215, 250),
     "bar": (140, 170),
@@ -72,7 +72,7 @@ def _shape_mask(kind: str, rng: random.Random) -> np.ndarray:
 def make_sample(idx: int, rng: random.Random, split: str):
     """One Sample: noise background, 2-3 shapes, a question about one of them; None if unplaceable."""
     from medreasoner.data import Sample
-    from medreasoner.keypoints import ground_truth_from_mask
+    from medreasoner.science.keypoints import ground_truth_from_mask
 
     kinds = rng.sample(list(KINDS), rng.choice([2, 3]))
     np_rng = np.random.default_rng(rng.randrange(1 << 30))
@@ -126,9 +126,9 @@ def make_split(n: int, seed: int, split: str) -> list:
 
 # --- evaluation -----------------------------------------------------------------------------------
 def evaluate(model_dir: str, samples: list, max_new_tokens: int, prompt: str, batch: int = 16) -> dict:
-    from medreasoner.crm import load_crm
-    from medreasoner.geometry import box_iou
-    from medreasoner.rewards import score
+    from medreasoner.models.crm import load_crm
+    from medreasoner.imaging.geometry import box_iou
+    from medreasoner.science.rewards import score
 
     t0 = time.perf_counter()
     crm = load_crm(model_dir, device="cpu")
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     import torch
 
     from medreasoner.data import write_parquet
-    from medreasoner.tiny import TINY_IMAGE_SIZE, build_tiny_crm
+    from medreasoner.models.tiny import TINY_IMAGE_SIZE, build_tiny_crm
     from training.common import TrainConfig, target_text
 
     assert TINY_IMAGE_SIZE == SIZE

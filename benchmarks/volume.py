@@ -79,8 +79,8 @@ def naive_loop(crm, asm, stack, low, high, lo, hi, slice_to_rgb):
 
 def worker(args) -> None:
     """Run one strategy in this process and print a JSON line."""
-    from medreasoner.asm import load_asm
-    from medreasoner.crm import load_crm
+    from medreasoner.models.asm import load_asm
+    from medreasoner.models.crm import load_crm
     from medreasoner.volume_pipeline import VolumeGrounder, parse_slice_range, write_volume_outputs
     from medreasoner.volumes import choose_window, display_stack, intensity_range, read_volume, slice_to_rgb
 
@@ -161,7 +161,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from medreasoner.tiny import build_tiny_crm, build_tiny_sam2
+    from medreasoner.models.tiny import build_tiny_crm, build_tiny_sam2
 
     tmp = Path(tempfile.mkdtemp(prefix="mr_bench_"))
     args.crm = args.crm or str(build_tiny_crm(tmp / "crm", format_steps=150))

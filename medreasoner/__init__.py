@@ -8,8 +8,8 @@ lazily so that light parts (parsing, geometry, rewards) import anywhere.
 
 __version__ = "0.1.0"
 
-from medreasoner.answer import AnswerStatus, ParsedAnswer, parse_completion  # noqa: E402
 from medreasoner.errors import InputError, MedReasonerError, ModelLoadError  # noqa: E402
+from medreasoner.models.answer import AnswerStatus, ParsedAnswer, parse_completion  # noqa: E402
 
 __all__ = [
     "AnswerStatus",

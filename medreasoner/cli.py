@@ -1,7 +1,10 @@
 """``medreasoner`` command line: ground, make-tiny, models.
 
+Outputs: OUT/<input name>/ per input: mask.png, overlay.png, result.json (2D) or seg.nii.gz,
+seg.seg.nrrd, montage.png, result.json (3D).
+
 Exit codes: 0 success; 2 bad input; 3 a model could not be loaded; 4 the CRM found no target for
-at least one image (an empty mask and the reason are written); 130 cancelled (nothing written).
+at least one input (an empty mask and the reason are written); 130 cancelled.
 """
 
 from __future__ import annotations
@@ -11,15 +14,20 @@ import json
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
 
-EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_NO_TARGET, EXIT_CANCELLED = 0, 2, 3, 4, 130
+from medreasoner.constants import (  # noqa: F401 - re-exported for scripts and tests
+    DEFAULT_CRM,
+    DEFAULT_MAX_NEW_TOKENS,
+    EXIT_CANCELLED,
+    EXIT_INPUT,
+    EXIT_MODEL,
+    EXIT_NO_TARGET,
+    EXIT_OK,
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from medreasoner.crm.base import DEFAULT_CRM
-
     p.add_argument("--crm", default=DEFAULT_CRM, help=f"CRM folder or hub id (default {DEFAULT_CRM})")
     p.add_argument("--crm-backend", default="transformers",
                    help="CRM backend: transformers (local/hub checkpoint) or openai (a chat endpoint)")
@@ -30,7 +38,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", choices=["reasoning", "direct"], default="reasoning")
     p.add_argument("--image-size", type=int, default=None,
                    help="square side the CRM sees (default: the checkpoint's, 840 for MedReasoner)")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--batch-size", type=int, default=4, help="images per CRM batch")
     p.add_argument("--asm-batch-size", type=int, default=None,
                    help="images per ASM encoder batch (default: 8 on GPU, 1 on CPU)")
@@ -49,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", required=True,
                    help="2D image (PNG/JPEG/TIFF/BMP, DICOM, .npy); repeat for several")
     g.add_argument("--query", required=True, help="the clinical question")
-    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--out", required=True, help="output folder (one OUT/<image name>/ per image)")
     g.add_argument("--window", default=None,
                    help="intensity window: a CT preset (abdomen, lung, brain, mediastinum, bone) or 'center,width'")
     g.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
@@ -59,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("segment-volume", help="segment what a question refers to in a 3D volume")
     v.add_argument("--volume", required=True, help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
     v.add_argument("--query", required=True)
-    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--out", required=True, help="output folder (results go to OUT/<volume name>/)")
     v.add_argument("--strategy", default="keyslice", help="keyslice (default) or slicewise")
     v.add_argument("--axis", default="axial", help="slice axis: axial, coronal or sagittal")
     v.add_argument("--window", default=None,
                    help="CT window preset (abdomen, lung, brain, mediastinum, bone) or 'center,width'")
     v.add_argument("--slices", default=None, help="slice range 'start:stop' (stop exclusive)")
     v.add_argument("--key-slice", type=int, default=None, help="keyslice: ask the CRM about this slice only")
+    v.add_argument("--candidates", type=int, default=5, help="keyslice: how many candidate slices the CRM reads (1-5)")
     v.add_argument("--all-components", action="store_true", help="keep every 3D component, not only the largest")
     v.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
     _add_model_args(v)
@@ -102,145 +111,128 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_window(text: str | None):
-    from medreasoner.intensity import parse_window
+def _events(kind: str):
+    """SIGTERM/SIGINT set the cancel flag (jobs stop between batches, nothing partial is written);
+    progress goes to tqdm bars, JSON lines on stderr, or nowhere."""
+    from medreasoner.engine.events import CallbackEvents, CancelToken, JsonLinesEvents
 
-    return None if not text else parse_window(text)
-
-
-def _output_paths(images: list[Path], out: Path) -> list[dict[str, Path]]:
-    seen: dict[str, int] = {}
-    paths = []
-    for p in images:
-        stem = p.name.split(".")[0] or "image"
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        if n:
-            stem = f"{stem}_{n}"
-        paths.append({k: out / f"{stem}_{k}.{ext}" for k, ext in
-                      (("mask", "png"), ("result", "json"), ("overlay", "png"))})
-    return paths
-
-
-def _json_progress(stage: str, done: int, total: int) -> None:
-    print(json.dumps({"stage": stage, "done": done, "total": total}), file=sys.stderr, flush=True)
-
-
-def _cancel_on_signals() -> threading.Event:
-    """SIGTERM/SIGINT set the returned flag; jobs stop between batches and write nothing partial."""
-    cancel = threading.Event()
+    cancel = CancelToken()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: cancel.set())
-    return cancel
-
-
-def _progress(kind: str, total: int):
     if kind == "json":
-        return _json_progress, None
+        return JsonLinesEvents(sys.stderr, cancel)
     if kind == "bar":
+        return TqdmEvents(cancel)
+    return CallbackEvents(cancel=cancel)
+
+
+class TqdmEvents:
+    """One tqdm bar per stage, on stderr; the only place in the package that draws bars."""
+
+    def __init__(self, cancel):
+        self.cancel, self._bars = cancel, {}
+
+    def progress(self, stage, done: int, total: int) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="grounding", unit="img")
+        key = str(stage)
+        bar = self._bars.get(key)
+        if bar is None or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = self._bars[key] = tqdm(total=total, desc=key.replace("_", " "), unit="step", leave=False)
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
-        def report(stage, done, n):
-            bar.n = done
-            bar.refresh()
-        return report, bar
-    return None, None
+    def log(self, message: str, level: str = "info") -> None:
+        logging.getLogger("medreasoner").log(logging.getLevelName(level.upper()), message)
+
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
+
+    def check_cancelled(self, where: str) -> None:
+        if self.cancelled():
+            from medreasoner.errors import CancelledError
+
+            raise CancelledError(f"cancelled during {where}")
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
 
 
-def _build_pipeline(args, device: str | None = None):
-    from medreasoner.asm import load_asm
-    from medreasoner.crm import GenerationConfig, load_crm
-    from medreasoner.pipeline import GroundingPipeline
+def model_options(args, device: str | None = None):
+    from medreasoner.models.loading import ModelOptions
 
-    device = device or args.device
-    crm_kwargs = {"device": device, "batch_size": args.batch_size,
-                  "trust_remote_code": args.trust_remote_code,
-                  "generation": GenerationConfig(max_new_tokens=args.max_new_tokens)}
-    if args.image_size:
-        crm_kwargs["image_size"] = args.image_size
-    if args.crm_backend == "openai":
-        crm_kwargs["base_url"] = args.base_url
-    crm = load_crm(args.crm, backend=args.crm_backend, **crm_kwargs)
-    asm = load_asm(args.asm, checkpoint=args.asm_checkpoint, device=device, batch_size=args.asm_batch_size)
-    return GroundingPipeline(crm, asm, prompt=args.prompt, batch_size=args.batch_size)
+    return ModelOptions(crm=args.crm, crm_backend=args.crm_backend, base_url=args.base_url, asm=args.asm,
+                        asm_checkpoint=args.asm_checkpoint, device=device or args.device,
+                        image_size=args.image_size, batch_size=args.batch_size,
+                        asm_batch_size=args.asm_batch_size, max_new_tokens=args.max_new_tokens,
+                        trust_remote_code=args.trust_remote_code).checked()
 
 
-def cmd_ground(args) -> int:
-    from medreasoner.images import load_image
-    from medreasoner.outputs import guard_outputs, write_all
-    from medreasoner.pipeline import check_query
-    from medreasoner.runner import outputs_2d
-
-    query = check_query(args.query)
-    window = _parse_window(args.window)
-    images = [load_image(p, window=window) for p in args.image]  # all inputs checked before models load
-    in_paths = [Path(p) for p in args.image]
-    out = Path(args.out)
+def _out_folder(path: str) -> Path:
+    out = Path(path)
     if out.exists() and not out.is_dir():
         from medreasoner.errors import InputError
 
         raise InputError(f"--out {out} exists and is not a folder")
-    targets = _output_paths(in_paths, out)
-    guard_outputs([p for t in targets for p in t.values()], in_paths)
+    return out
 
-    pipe = _build_pipeline(args)
 
-    cancel = _cancel_on_signals()
-    report, bar = _progress(args.progress, len(images))
+def _run_and_report(cases, args, options) -> int:
+    """Load the models (inputs were checked already), run every case, print a summary."""
+    from medreasoner.engine import Session, exit_code, load_models, run_cases
+
+    out = _out_folder(args.out)
+    mopts = model_options(args)
+    events = _events(args.progress)
+    session = Session(load_models(mopts))
     try:
-        results = pipe.run([im.rgb for im in images], [query] * len(images), progress=report, cancel=cancel)
+        summaries = run_cases(session, cases, out, options, events)
     finally:
-        if bar is not None:
-            bar.close()
+        if isinstance(events, TqdmEvents):
+            events.close()
+    for s in summaries:
+        for w in s.warnings:
+            _say(args, w, "warning")
+        _say(args, f"{s.input}: {s.status}" + (f" - {s.message}" if s.message else ""))
+    print(json.dumps([s.to_dict() for s in summaries], indent=2))
+    return exit_code(summaries)
 
-    files: dict[Path, bytes] = {}
-    summary = []
-    for im, res, paths in zip(images, results, targets):
-        files.update(outputs_2d(im, res, query, paths))
-        summary.append({"input": im.path, "status": res.status, **{k: str(v) for k, v in paths.items()}})
-    write_all(files)
 
-    for res, s in zip(results, summary):
-        for w in res.warnings:
-            print(f"WARNING: {w}", file=sys.stderr)
-        line = f"{s['input']}: {s['status']}"
-        if not res.ok:
-            line += f" - {res.message}"
-        print(line, file=sys.stderr)
-    print(json.dumps(summary, indent=2))
-    return EXIT_OK if all(r.ok for r in results) else EXIT_NO_TARGET
+def cmd_ground(args) -> int:
+    from medreasoner.engine import Case, RunOptions, check_query
+    from medreasoner.engine.session import read_image
+
+    query = check_query(args.query)
+    options = RunOptions(prompt=args.prompt, window=args.window).checked()
+    model_options(args)  # bad model options fail before any image is read
+    images = [read_image(p, options.window) for p in args.image]  # inputs checked before models load
+    return _run_and_report([Case(im, query) for im in images], args, options)
 
 
 def cmd_segment_volume(args) -> int:
-    from medreasoner.pipeline import check_query
-    from medreasoner.volume_pipeline import VolumeGrounder, write_volume_outputs
-    from medreasoner.volumes import read_volume
+    from medreasoner.engine import Case, RunOptions, check_query
+    from medreasoner.io.volumes import read_volume
 
     query = check_query(args.query)
+    options = RunOptions(prompt=args.prompt, window=args.window, strategy=args.strategy, axis=args.axis,
+                         slice_range=args.slices, key_slice=args.key_slice, n_candidates=args.candidates,
+                         keep_largest=not args.all_components).checked()
+    model_options(args)
     volume = read_volume(args.volume)  # input problems surface before the models load
-    pipe = _build_pipeline(args)
-    cancel = _cancel_on_signals()
-    # the grounder draws its own tqdm bars per stage; only JSON lines need a reporter here
-    report = _json_progress if args.progress == "json" else None
-    grounder = VolumeGrounder(pipe.crm, pipe.asm, args.prompt, args.batch_size)
-    res = grounder.run(volume, query, strategy=args.strategy, axis=args.axis, window=args.window,
-                       slice_range=args.slices, key_slice=args.key_slice, keep_largest=not args.all_components,
-                       progress=report, cancel=cancel)
-    outputs = write_volume_outputs(res, args.out, stem="seg", inputs=[args.volume])
-    for w in res.warnings:
-        print(f"WARNING: {w}", file=sys.stderr)
-    print(f"{args.volume}: {res.status}" + (f" - {res.message}" if res.message else ""), file=sys.stderr)
-    print(json.dumps({"status": res.status, **outputs}, indent=2))
-    return EXIT_OK if res.ok else EXIT_NO_TARGET
+    return _run_and_report([Case(volume, query)], args, options)
 
 
 def cmd_evaluate(args) -> int:
     import os
 
     from medreasoner.data import load_samples
-    from medreasoner.evaluate import Shard, merge, run_shard, write_reports
+    from medreasoner.engine import RunOptions, Session, load_models
+    from medreasoner.science.evaluate import Shard, merge, run_shard, write_reports
 
     shard = Shard.from_env()
     device = args.device
@@ -250,35 +242,28 @@ def cmd_evaluate(args) -> int:
         if torch.cuda.is_available():  # one GPU per process under torchrun / accelerate
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     out = Path(args.out)
+    options = RunOptions(prompt=args.prompt).checked()
+    mopts = model_options(args, device)
     samples = load_samples(args.data, split=args.split, limit=args.limit)
-    pipe = _build_pipeline(args, device)
-    cancel = _cancel_on_signals()
-    report, bar = _progress(args.progress, 0)
-
-    def on_progress(done, total):
-        if bar is not None:
-            bar.total = total
-            bar.set_description(f"evaluate rank {shard.rank}/{shard.world}")
-        if report is not None:
-            report("evaluate", done, total)
-
+    session = Session(load_models(mopts), embedding_cache_mb=0)  # every sample is a new image
+    events = _events(args.progress)
     try:
-        run_shard(samples, pipe, out, shard, progress=on_progress, cancel=cancel)
+        run_shard(samples, session, out, shard, options, events)
     finally:
-        if bar is not None:
-            bar.close()
+        if isinstance(events, TqdmEvents):
+            events.close()
     if shard.rank != 0:
         return EXIT_OK
+    crm, asm = session.models.crm, session.models.asm
     records = merge(out, shard.world, timeout_s=args.merge_timeout)
-    run_info = {"data": args.data, "split": args.split, "prompt": args.prompt, "crm": pipe.crm.describe(),
-                "asm": pipe.asm.describe(), "world_size": shard.world, "samples": len(records)}
-    title = f"{Path(args.crm).name} + {pipe.asm.name} on {Path(args.data).name}/{args.split} ({args.prompt} prompt)"
+    run_info = {"data": args.data, "split": args.split, "prompt": args.prompt, "crm": crm.describe(),
+                "asm": asm.describe(), "world_size": shard.world, "samples": len(records)}
+    title = f"{Path(args.crm).name} + {asm.name} on {Path(args.data).name}/{args.split} ({args.prompt} prompt)"
     summary = write_reports(records, {s.id: s for s in samples}, out, title, run_info)
     print((out / "table.md").read_text())
-    if pipe.crm.is_tiny or pipe.asm.is_tiny:
-        print("WARNING: TINY TEST MODEL in this run: the numbers are meaningless.", file=sys.stderr)
-    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'overlays.png'}, {out / 'histograms.png'}",
-          file=sys.stderr)
+    if session.models.is_tiny:
+        _say(args, "TINY TEST MODEL in this run: the numbers are meaningless.", "warning")
+    _say(args, f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'overlays.png'}, {out / 'histograms.png'}")
     return EXIT_OK if summary["overall"]["n"] else EXIT_INPUT
 
 
@@ -310,7 +295,7 @@ def cmd_build_dataset(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from medreasoner.tiny import build_tiny_crm, build_tiny_sam2
+    from medreasoner.models.tiny import build_tiny_crm, build_tiny_sam2
 
     out = Path(args.out)
     crm = build_tiny_crm(out / "crm", format_steps=args.format_steps, seed=args.seed)
@@ -322,34 +307,82 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_models(_args) -> int:
-    from medreasoner.asm import asm_names  # noqa: F401 - imports register the ASMs
-    from medreasoner.crm import openai_compat, qwen_vl  # noqa: F401
-    from medreasoner.registry import ASMS, CRMS
+    from medreasoner.models.asm import asm_names  # noqa: F401 - imports register the ASMs
+    from medreasoner.models.crm import openai_compat, qwen_vl  # noqa: F401
+    from medreasoner.models.registry import ASMS, CRMS
 
     print(json.dumps({"crm_backends": CRMS.describe(), "asms": ASMS.describe()}, indent=2))
     return EXIT_OK
+
+
+class _JsonLogHandler(logging.Handler):
+    """Log records as JSON lines (the events protocol), so ``--progress json`` stderr is all JSON."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _json_line({"event": "log", "level": record.levelname.lower(), "message": record.getMessage(),
+                    "logger": record.name})
+
+
+def _json_line(obj: dict) -> None:
+    from medreasoner.engine.events import EVENTS_PROTOCOL_VERSION
+
+    sys.stderr.write(json.dumps({"v": EVENTS_PROTOCOL_VERSION, **obj}, ensure_ascii=False) + "\n")
+    sys.stderr.flush()
+
+
+def _setup_output(args) -> None:
+    """Logging and third-party bars for the chosen progress display: with ``json`` every stderr line
+    is a JSON object; with ``json`` and ``none`` no library draws a progress bar."""
+    import os
+
+    progress = getattr(args, "progress", "bar")
+    level = logging.INFO if args.verbose else logging.WARNING
+    if progress in ("json", "none"):
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers/hub bars (weights loading)
+    if progress == "json":
+        import warnings
+
+        root = logging.getLogger()
+        root.handlers[:] = [_JsonLogHandler()]
+        root.setLevel(level)
+        logging.captureWarnings(True)
+        warnings.simplefilter("default")
+    else:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _say(args, message: str, level: str = "info") -> None:
+    """A line for the person at the terminal (or a log event in JSON mode) on stderr."""
+    if getattr(args, "progress", "bar") == "json":
+        _json_line({"event": "log", "level": level, "message": message})
+    else:
+        print(message if level == "info" else f"{level.upper()}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     from medreasoner.errors import CancelledError, InputError, ModelLoadError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    handler = {"ground": cmd_ground, "segment-volume": cmd_segment_volume, "evaluate": cmd_evaluate, "build-dataset": cmd_build_dataset,
-               "make-tiny": cmd_make_tiny,
-               "models": cmd_models}[args.command]
+    _setup_output(args)
+    handler = {"ground": cmd_ground, "segment-volume": cmd_segment_volume, "evaluate": cmd_evaluate,
+               "build-dataset": cmd_build_dataset, "make-tiny": cmd_make_tiny, "models": cmd_models}[args.command]
+    json_mode = getattr(args, "progress", "bar") == "json"
+
+    def fail(code: int, kind: str, message: str) -> int:
+        if json_mode:
+            _json_line({"event": "error", "kind": kind, "exit_code": code, "message": message})
+        else:
+            print(f"{'cancelled' if kind == 'cancelled' else 'error'}: {message}", file=sys.stderr)
+        return code
+
     try:
         return handler(args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except (ModelLoadError, KeyError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return EXIT_MODEL
+        return fail(EXIT_INPUT, "input", str(exc))
+    except ModelLoadError as exc:
+        return fail(EXIT_MODEL, "model", str(exc.args[0] if exc.args else exc))
     except CancelledError as exc:
-        print(f"cancelled: {exc}; nothing was written", file=sys.stderr)
-        return EXIT_CANCELLED
+        return fail(EXIT_CANCELLED, "cancelled", f"{exc}; files of unfinished cases were not written")
 
 
 if __name__ == "__main__":

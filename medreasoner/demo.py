@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from medreasoner.cli import main as cli_main
+from medreasoner.constants import CRM_SIDECAR
 
 QUERY = "Which structure would explain this patient's shortness of breath?"
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     crm_dir = out / "models" / "crm"
-    if not (crm_dir / "medreasoner_crm.json").is_file():
+    if not (crm_dir / CRM_SIDECAR).is_file():
         rc = cli_main(["make-tiny", str(out / "models"), "--no-sam2"])
         if rc:
             return rc

@@ -15,3 +15,7 @@ class ModelLoadError(MedReasonerError, RuntimeError):
 
 class CancelledError(MedReasonerError):
     """The caller asked the running job to stop."""
+
+
+class UnknownComponentError(InputError):
+    """A registry (ASM, CRM backend) has nothing under the requested name."""

@@ -30,7 +30,7 @@ def no_internet(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{'format': CRM folder that answers in format, 'random': untrained CRM, 'sam2': checkpoint}."""
-    from medreasoner.tiny import build_tiny_crm, build_tiny_sam2
+    from medreasoner.models.tiny import build_tiny_crm, build_tiny_sam2
 
     root = tmp_path_factory.mktemp("tiny")
     return {
@@ -49,14 +49,14 @@ def ct_path() -> str:
 
 @pytest.fixture(scope="session")
 def ct_image(ct_path):
-    from medreasoner.images import load_image
+    from medreasoner.io.images import load_image
 
     return load_image(ct_path)
 
 
 @pytest.fixture(scope="session")
 def litemedsam():
-    from medreasoner.asm import load_asm
+    from medreasoner.models.asm import load_asm
 
     return load_asm("litemedsam", device="cpu")
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from medreasoner.answer import AnswerStatus, parse_completion
+from medreasoner.models.answer import AnswerStatus, parse_completion
 
 OK, NO, BAD, MISS, INV = (AnswerStatus.OK, AnswerStatus.NO_ANSWER, AnswerStatus.BAD_JSON,
                           AnswerStatus.MISSING_KEYS, AnswerStatus.INVALID_VALUES)

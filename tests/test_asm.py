@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medreasoner.asm import asm_names, load_asm
+from medreasoner.models.asm import asm_names, load_asm
 from medreasoner.errors import ModelLoadError
 
 BOX = (40.0, 30.0, 100.0, 90.0)

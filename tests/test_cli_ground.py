@@ -104,7 +104,7 @@ def test_bad_window_and_unknown_models(tiny_models, ct_path, tmp_path, capsys):
 
 
 def test_pipeline_api_reports_progress_and_honours_cancel(tiny_models, ct_image, litemedsam):
-    from medreasoner.crm import load_crm
+    from medreasoner.models.crm import load_crm
 
     crm = load_crm(tiny_models["format"], device="cpu")
     crm.generation.max_new_tokens = 120

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from medreasoner.answer import AnswerStatus
-from medreasoner.crm import load_crm
+from medreasoner.models.answer import AnswerStatus
+from medreasoner.models.crm import load_crm
 from medreasoner.errors import ModelLoadError
 
 

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medreasoner.answer import AnswerStatus
-from medreasoner.crm import GenerationConfig, load_crm
-from medreasoner.crm.openai_compat import OpenAICompatCRM  # importing it registers "openai"
+from medreasoner.models.answer import AnswerStatus
+from medreasoner.models.crm import GenerationConfig, load_crm
+from medreasoner.models.crm.openai_compat import OpenAICompatCRM  # importing it registers "openai"
 from medreasoner.errors import ModelLoadError
-from medreasoner.prompts import build_prompt
+from medreasoner.models.prompts import build_prompt
 
 MODEL = "zzzyzh/MedReasoner-Soft-7B"
 KEY = "sk-test-123"
@@ -325,7 +325,7 @@ def test_load_crm_through_the_registry(server, monkeypatch):
     d = crm.describe()
     assert d["backend"] == "openai" and d["model"] == MODEL and d["base_url"] == server.base_url
     assert KEY not in json.dumps(d) and KEY not in repr(crm)
-    from medreasoner.registry import CRMS
+    from medreasoner.models.registry import CRMS
 
     assert "openai" in CRMS.names()
 

@@ -12,7 +12,7 @@ import pytest
 
 from medreasoner.cli import EXIT_OK, main
 from medreasoner.errors import CancelledError
-from medreasoner.evaluate import Shard, read_jsonl, run_shard
+from medreasoner.science.evaluate import Shard, read_jsonl, run_shard
 
 QUERIES = ["Which structure would explain the pain?", "Where is the abnormality?"]
 
@@ -23,8 +23,8 @@ def umrg_parquet(tmp_path_factory, litemedsam):
     from pydicom.data import get_testdata_file
 
     from medreasoner.data import Sample, write_parquet
-    from medreasoner.images import load_image
-    from medreasoner.keypoints import ground_truth_from_mask
+    from medreasoner.io.images import load_image
+    from medreasoner.science.keypoints import ground_truth_from_mask
 
     ct = load_image(get_testdata_file("CT_small.dcm")).rgb
     mr = load_image(get_testdata_file("MR_small.dcm")).rgb

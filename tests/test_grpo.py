@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medreasoner.rewards import component_rewards, score
+from medreasoner.science.rewards import component_rewards, score
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false"}
@@ -22,7 +22,7 @@ GT = json.dumps({"bbox_2d": [5, 0, 15, 10], "point_2d": [[8, 5], [12, 5]]})
 @pytest.fixture(scope="module")
 def tiny_parquet(tmp_path_factory, ct_image):
     from medreasoner.data import Sample, write_parquet
-    from medreasoner.keypoints import ground_truth_from_mask
+    from medreasoner.science.keypoints import ground_truth_from_mask
 
     samples = []
     for i in range(6):
@@ -63,7 +63,7 @@ def test_two_grpo_steps_through_the_entry_point(tiny_models, tiny_parquet, tmp_p
         assert key in steps[0]
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert (out / "reward_curves.png").stat().st_size > 1000
-    from medreasoner.crm import load_crm
+    from medreasoner.models.crm import load_crm
 
     crm = load_crm(str(out / "final"), device="cpu")
     assert crm.is_tiny  # the tiny-model marker travels with the trained weights

@@ -21,7 +21,7 @@ from medreasoner.data import (
     write_parquet,
 )
 from medreasoner.errors import InputError
-from medreasoner.keypoints import box_from_mask, distance_map, ground_truth_from_mask, keypoints_from_mask
+from medreasoner.science.keypoints import box_from_mask, distance_map, ground_truth_from_mask, keypoints_from_mask
 
 
 # --- key points -----------------------------------------------------------------------------------

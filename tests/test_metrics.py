@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from medreasoner.metrics import (
+from medreasoner.science.metrics import (
     disc_dice,
     markdown_table,
     mask_dice,

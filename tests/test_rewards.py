@@ -6,8 +6,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from medreasoner.geometry import box_iou, lens_area
-from medreasoner.rewards import (
+from medreasoner.imaging.geometry import box_iou, lens_area
+from medreasoner.science.rewards import (
     HARD_KEYS,
     SOFT_KEYS,
     points_align_error,

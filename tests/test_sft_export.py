@@ -45,7 +45,7 @@ def _tensors(path: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tiny_crm(tmp_path_factory) -> Path:
-    from medreasoner.tiny import build_tiny_crm
+    from medreasoner.models.tiny import build_tiny_crm
 
     return build_tiny_crm(tmp_path_factory.mktemp("tiny") / "crm_random", format_steps=0)
 
@@ -55,8 +55,8 @@ def umrg_parquet(tmp_path_factory) -> Path:
     from pydicom.data import get_testdata_file
 
     from medreasoner.data import Sample, write_parquet
-    from medreasoner.images import load_image
-    from medreasoner.keypoints import ground_truth_from_mask
+    from medreasoner.io.images import load_image
+    from medreasoner.science.keypoints import ground_truth_from_mask
 
     ct = load_image(get_testdata_file("CT_small.dcm")).rgb
     mr = load_image(get_testdata_file("MR_small.dcm")).rgb
@@ -170,7 +170,7 @@ def test_sft_resume_continues_from_last_checkpoint(full_run, tmp_path):
 def test_export_lora_run_to_bundle_and_run_it(lora_run, tiny_crm, tmp_path):
     from PIL import Image
 
-    from medreasoner.crm import load_crm
+    from medreasoner.models.crm import load_crm
 
     dest = tmp_path / "bundle"
     for bad in (BUNDLE, ROOT):  # the source bundle itself, or a folder that is not empty

@@ -51,7 +51,7 @@ def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
 
 @pytest.fixture(scope="module")
 def crm(tiny_models):
-    from medreasoner.crm import load_crm
+    from medreasoner.models.crm import load_crm
 
     c = load_crm(tiny_models["format"], device="cpu")
     c.generation.max_new_tokens = 120
@@ -77,7 +77,7 @@ def test_keyslice_litemedsam_keeps_geometry_and_reports(crm, litemedsam, tmp_pat
 
 
 def test_keyslice_medsam2_propagates_with_sam2_video_memory(crm, tiny_models, tmp_path):
-    from medreasoner.asm import load_asm
+    from medreasoner.models.asm import load_asm
 
     asm = load_asm("medsam2", checkpoint=tiny_models["sam2"], device="cpu")
     src = phantom(tmp_path / "ct.mha", n_slices=6, size=40, oblique=False, air_slices=0)

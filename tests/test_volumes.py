@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from medreasoner.errors import InputError
-from medreasoner.intensity import Window
+from medreasoner.imaging.intensity import Window
 from medreasoner.volumes import (
     AXES,
     WINDOW_PRESETS,

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from medreasoner.constants import CRM_SIDECAR, DEFAULT_CRM_IMAGE_SIZE
+
 log = logging.getLogger("medreasoner.training")
 
 
@@ -104,10 +106,10 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
 def model_image_size(cfg: TrainConfig) -> int:
     if cfg.image_size:
         return int(cfg.image_size)
-    sidecar = Path(cfg.model) / "medreasoner_crm.json"
+    sidecar = Path(cfg.model) / CRM_SIDECAR
     if sidecar.is_file():
-        return int(json.loads(sidecar.read_text()).get("image_size", 840))
-    return 840
+        return int(json.loads(sidecar.read_text()).get("image_size", DEFAULT_CRM_IMAGE_SIZE))
+    return DEFAULT_CRM_IMAGE_SIZE
 
 
 def scaled_ground_truth(gt: dict, w: int, h: int, size: int) -> dict:
@@ -150,7 +152,7 @@ def iter_rows(cfg: TrainConfig, with_answers: bool = False):
     """
     from PIL import Image
 
-    from medreasoner.prompts import build_prompt
+    from medreasoner.models.prompts import build_prompt
 
     size = model_image_size(cfg)
     from medreasoner.data import iter_samples

@@ -4,7 +4,7 @@
     accelerate launch --config_file training/accelerate/multi_gpu.yaml training/grpo.py --config ...
 
 Rows come from the U-MRG loader (image resized to the model's input size, the reasoning prompt, the
-ground truth in model pixels); rewards are ``medreasoner.rewards`` components (soft / hard / base),
+ground truth in model pixels); rewards are ``medreasoner.science.rewards`` components (soft / hard / base),
 each logged separately, plus an optional mask-Dice reward from a real ASM. Checkpoints every
 ``save_steps``; ``--resume`` restores weights, optimizer, scheduler, RNG and the data position.
 """
@@ -16,6 +16,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from medreasoner.constants import CRM_SIDECAR
 
 os.environ.setdefault("WANDB_DISABLED", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
@@ -37,10 +39,10 @@ def mask_dice_reward(cfg: TrainConfig):
     """Reward = Dice between the ASM's mask for the answered box + points and the GT mask."""
     import numpy as np
 
-    from medreasoner.answer import parse_completion
-    from medreasoner.asm import load_asm
-    from medreasoner.metrics import mask_dice
-    from medreasoner.rewards import completion_text
+    from medreasoner.models.answer import parse_completion
+    from medreasoner.models.asm import load_asm
+    from medreasoner.science.metrics import mask_dice
+    from medreasoner.science.rewards import completion_text
 
     asm = load_asm(cfg.mask_reward_asm, checkpoint=cfg.mask_reward_checkpoint)
 
@@ -64,7 +66,7 @@ def build_trainer(cfg: TrainConfig):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import GRPOConfig, GRPOTrainer
 
-    from medreasoner.rewards import component_rewards
+    from medreasoner.science.rewards import component_rewards
 
     bf16, grad_ckpt = resolve_precision(cfg)
     dataset = training_dataset(cfg)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     final = out / "final"
     trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the shards; only rank 0 writes
     if is_main_process():
-        sidecar = Path(cfg.model) / "medreasoner_crm.json"
+        sidecar = Path(cfg.model) / CRM_SIDECAR
         if sidecar.is_file():  # keep the tiny-model marker and input size with the trained weights
             (final / sidecar.name).write_text(sidecar.read_text())
         (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -43,7 +43,7 @@ from training.common import (  # noqa: E402
 
 log = logging.getLogger("medreasoner.training.sft")
 
-SIDECAR = "medreasoner_crm.json"  # tiny-model marker and image size; see medreasoner/crm/qwen_vl.py
+from medreasoner.constants import CRM_SIDECAR as SIDECAR
 
 
 def _write_json(path: Path, data: Any) -> None:

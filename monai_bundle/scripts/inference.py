@@ -1,7 +1,7 @@
 """Thin adapter between ``configs/inference.json`` and the ``medreasoner`` core.
 
 It only (1) turns the config values into a list of (image, query) cases, (2) loads the CRM and the
-ASM once through ``medreasoner.crm.load_crm`` / ``medreasoner.asm.load_asm``, (3) hands everything to
+ASM once through ``medreasoner.models.crm.load_crm`` / ``medreasoner.models.asm.load_asm``, (3) hands everything to
 ``medreasoner.runner.run_cases`` and (4) reports where the outputs are and exits with the runner's
 exit code. Image reading, windowing, orientation, slicing and segmentation all happen in the core.
 
@@ -150,8 +150,8 @@ def build_cases(image: Any = None, query: Any = None, dataset_dir: Any = None) -
 def load_crm_model(model: str, backend: str = "transformers", device: str = "auto", max_new_tokens: int = 1024,
                    batch_size: int = 4, image_size: int | None = None, base_url: str | None = None,
                    trust_remote_code: bool = False):
-    """The CRM, loaded once (``medreasoner.crm.load_crm`` with the CLI's options)."""
-    from medreasoner.crm import GenerationConfig, load_crm
+    """The CRM, loaded once (``medreasoner.models.crm.load_crm`` with the CLI's options)."""
+    from medreasoner.models.crm import GenerationConfig, load_crm
     from medreasoner.errors import ModelLoadError
 
     kwargs: dict[str, Any] = {"device": _text(device) or "auto", "batch_size": int(batch_size),
@@ -170,8 +170,8 @@ def load_crm_model(model: str, backend: str = "transformers", device: str = "aut
 
 def load_asm_model(name: str = "litemedsam", checkpoint: str | None = None, device: str = "auto",
                    batch_size: int | None = None):
-    """The ASM, loaded once (``medreasoner.asm.load_asm``)."""
-    from medreasoner.asm import load_asm
+    """The ASM, loaded once (``medreasoner.models.asm.load_asm``)."""
+    from medreasoner.models.asm import load_asm
     from medreasoner.errors import ModelLoadError
 
     checkpoint = _text(checkpoint)

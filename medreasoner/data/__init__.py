@@ -1,0 +1,5 @@
+"""U-MRG-format samples: reading (datasets folders, parquet, plain folders), writing, building."""
+
+from medreasoner.data.samples import Sample, iter_samples, load_samples, samples_from_2d, samples_from_volumes, write_parquet
+
+__all__ = ["Sample", "iter_samples", "load_samples", "samples_from_2d", "samples_from_volumes", "write_parquet"]

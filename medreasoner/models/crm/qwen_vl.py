@@ -1,0 +1,173 @@
+"""CRM backend for Qwen2.5-VL-family checkpoints through transformers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medreasoner.constants import CRM_SIDECAR as SIDECAR
+from medreasoner.constants import DEFAULT_CRM_IMAGE_SIZE as DEFAULT_IMAGE_SIZE
+from medreasoner.errors import ModelLoadError
+from medreasoner.imaging.resize import ResizeMap, target_size
+from medreasoner.models.crm.base import (
+    CRM,
+    DEFAULT_CRM,
+    CRMAnswer,
+    GenerationConfig,
+    answer_in_original_pixels,
+)
+from medreasoner.models.prompts import PromptKind, build_messages
+from medreasoner.models.registry import CRMS
+
+log = logging.getLogger(__name__)
+
+
+
+def _read_sidecar(path: str) -> dict[str, Any]:
+    f = Path(path) / SIDECAR
+    if f.is_file():
+        try:
+            return json.loads(f.read_text())
+        except ValueError:
+            log.warning("ignoring unreadable %s", f)
+    return {}
+
+
+class QwenVLCRM(CRM):
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_CRM,
+        device: str | None = "auto",
+        dtype: str | None = "auto",
+        image_size: int | tuple[int, int] | None | str = "auto",
+        generation: GenerationConfig | None = None,
+        batch_size: int = 4,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from medreasoner.models.devices import default_dtype, resolve_device
+
+        self.model_id = str(model)
+        self.device = resolve_device(device)
+        self.dtype = default_dtype(self.device, dtype)
+        self.generation = generation or GenerationConfig()
+        self.batch_size = max(1, int(batch_size))
+        sidecar = _read_sidecar(self.model_id) if Path(self.model_id).is_dir() else {}
+        self.is_tiny = bool(sidecar.get("tiny_test_model", False))
+        if image_size == "auto":
+            image_size = sidecar.get("image_size", DEFAULT_IMAGE_SIZE)
+        self.image_size = image_size
+        local = Path(self.model_id).expanduser()
+        if not local.exists() and (self.model_id.startswith((".", "/", "~")) or self.model_id.count("/") != 1):
+            raise ModelLoadError(f"CRM folder not found: {self.model_id}")
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            self.processor = AutoProcessor.from_pretrained(
+                self.model_id, padding_side="left", trust_remote_code=trust_remote_code
+            )
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kwargs)
+        except (OSError, ValueError) as exc:
+            hint = "" if local.exists() else (
+                " It is not a local folder, and the hub could not provide it (offline?). "
+                "Download it once (huggingface-cli download ID --local-dir DIR) and pass the folder."
+            )
+            raise ModelLoadError(f"could not load CRM {self.model_id!r}: {exc}.{hint}") from exc
+        self.model.to(self.device).eval()
+        self.processor.tokenizer.padding_side = "left"  # batched decoding needs left padding
+        self._torch = torch
+        if self.is_tiny:
+            log.warning("CRM %s is a TINY TEST MODEL: its answers are meaningless", self.model_id)
+
+    def extra_description(self) -> dict[str, Any]:
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "image_size": self.image_size, "max_new_tokens": self.generation.max_new_tokens,
+                "greedy": not self.generation.do_sample}
+
+    def _prepare(self, image: np.ndarray):
+        from PIL import Image
+
+        h, w = image.shape[:2]
+        tw, th = target_size(w, h, self.image_size)
+        pil = Image.fromarray(image)
+        if (tw, th) != (w, h):
+            pil = pil.resize((tw, th), Image.BICUBIC)
+        return pil, (w, h)
+
+    def _seen_sizes(self, grid_thw) -> list[tuple[int, int]]:
+        # The processor may round sizes to its patch grid: read back what the model really saw.
+        patch = int(getattr(self.processor.image_processor, "patch_size", 14))
+        return [(int(g[2]) * patch, int(g[1]) * patch) for g in grid_thw.tolist()]
+
+    def answer_batch(
+        self, images: Sequence[np.ndarray], questions: Sequence[str], prompt: PromptKind = "reasoning"
+    ) -> list[CRMAnswer]:
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        out: list[CRMAnswer] = []
+        for start in range(0, len(images), self.batch_size):
+            out.extend(self._generate(images[start:start + self.batch_size],
+                                      questions[start:start + self.batch_size], prompt))
+        return out
+
+    def _generate(self, images, questions, prompt) -> list[CRMAnswer]:
+        torch = self._torch
+        t0 = time.perf_counter()
+        prepared = [self._prepare(np.asarray(im)) for im in images]
+        texts = [
+            self.processor.apply_chat_template(build_messages(q, prompt), tokenize=False,
+                                               add_generation_prompt=True)
+            for q in questions
+        ]
+        inputs = self.processor(text=texts, images=[p for p, _ in prepared], padding=True,
+                                return_tensors="pt").to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        gen = self.generation
+        kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample}
+        if gen.do_sample:
+            kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
+        kwargs.update(gen.extra)
+        with torch.inference_mode():
+            gen_out = self.model.generate(**inputs, **kwargs, output_scores=True, return_dict_in_generate=True)
+            new = gen_out.sequences[:, inputs["input_ids"].shape[1]:]
+            confidences = self._confidences(gen_out, new)
+        completions = self.processor.batch_decode(new, skip_special_tokens=True,
+                                                  clean_up_tokenization_spaces=False)
+        seen = self._seen_sizes(inputs["image_grid_thw"])
+        per = (time.perf_counter() - t0) / len(images)
+        answers = []
+        for text, (_, (w, h)), (sw, sh), conf in zip(completions, prepared, seen, confidences):
+            rmap = ResizeMap(w, h, sw, sh)
+            answers.append(CRMAnswer(text, answer_in_original_pixels(text, rmap), rmap, per, conf))
+        return answers
+
+    def _confidences(self, gen_out, new) -> list[float | None]:
+        """exp(mean log-probability) of each completion's tokens, padding after EOS excluded."""
+        torch = self._torch
+        try:
+            logp = self.model.compute_transition_scores(gen_out.sequences, gen_out.scores, normalize_logits=True)
+        except Exception:  # noqa: BLE001 - confidence is a nicety; generation already succeeded
+            return [None] * new.shape[0]
+        pad = self.processor.tokenizer.pad_token_id
+        valid = torch.ones_like(new, dtype=torch.bool) if pad is None else new != pad
+        logp = torch.where(valid, logp.float(), torch.zeros_like(logp, dtype=torch.float32))
+        n = valid.sum(dim=1).clamp(min=1)
+        return [float(v) for v in torch.exp(logp.sum(dim=1) / n)]
+
+
+@CRMS.register("transformers", help="Qwen2.5-VL-family checkpoint through transformers (local folder or hub id)")
+def _make_qwen(**kwargs: Any) -> QwenVLCRM:
+    return QwenVLCRM(**kwargs)
