@@ -126,8 +126,8 @@ def make_split(n: int, seed: int, split: str) -> list:
 
 # --- evaluation -----------------------------------------------------------------------------------
 def evaluate(model_dir: str, samples: list, max_new_tokens: int, prompt: str, batch: int = 16) -> dict:
-    from medreasoner.models.crm import load_crm
     from medreasoner.imaging.geometry import box_iou
+    from medreasoner.models.crm import load_crm
     from medreasoner.science.rewards import score
 
     t0 = time.perf_counter()

@@ -1,14 +1,19 @@
 """3D strategies side by side: keyslice, slicewise (batched) and a naive per-slice loop.
 
-    python benchmarks/volume.py [--slices 64] [--size 128] [--asm medsam2|litemedsam] [--big]
+    python benchmarks/volume.py [--quick] [--slices 64] [--size 96] [--asm medsam2|litemedsam] [--big]
 
 One run, same phantom volume and models for every strategy; each strategy runs in its own process so
-peak RSS is its own. Prints wall time, CRM calls, ASM image encodes, propagation steps, time inside
-model calls vs our own code, and peak RSS above the loaded models; then a projected time per volume
-from the counted calls. ``--big`` adds the memory check on a 512x512x300 int16 volume (slicewise on a
-short slice range: reading, windowing, background scan, assembling and writing still touch the
-whole volume). Models: the tiny format-trained CRM (built here) and the chosen ASM (tiny SAM2
-weights built here, or the real LiteMedSAM weights).
+peak RSS is its own. Models are loaded through ``medreasoner.engine.load_models``; keyslice and
+slicewise go through ``Session.ground_volume`` (+ ``write_result``), the naive side calls the loaded
+CRM and ASM directly, one generate and one encode/decode per slice. Prints wall time, CRM calls, ASM
+image encodes, propagation steps, time inside model calls vs our own code, and peak RSS above the
+loaded models; then a projected time per volume from the counted calls. ``--big`` adds the memory
+check on a 512x512x300 int16 volume (slicewise on a short slice range: reading, windowing,
+background scan, assembling and writing still touch the whole volume). Models: the tiny
+format-trained CRM (``medreasoner make-tiny``, cached under ``--work``) and the chosen ASM (the tiny
+random SAM2 checkpoint from make-tiny, or the real LiteMedSAM weights).
+
+``--quick``: 16 slices of 64x64 (the CRM-count row uses 64 slices), LiteMedSAM, 64 new tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Timed, machine, tiny_crm  # noqa: E402
+
 QUERY = "Which organ would explain the patient's jaundice?"
 
 
@@ -42,6 +51,7 @@ def peak_mb() -> float:
 
 
 def make_phantom(path: Path, n: int, size: int) -> Path:
+    """CT-like int16 volume: air, a body ellipse, a brighter ellipsoid organ; rotated direction."""
     import SimpleITK as sitk
 
     z, y, x = np.ogrid[0:n, 0:size, 0:size]
@@ -59,34 +69,38 @@ def make_phantom(path: Path, n: int, size: int) -> Path:
     return path
 
 
-def naive_loop(crm, asm, stack, low, high, lo, hi, slice_to_rgb):
-    """One generate and one set_image/predict per slice; no batching, no skipping."""
+def naive_loop(models, volume_path: str, slice_range: str | None) -> dict:
+    """One generate and one encode+decode per slice; no batching, no skipping, no caches."""
+    from medreasoner.engine.strategies import parse_slice_range
+    from medreasoner.imaging.display import display_stack
+    from medreasoner.imaging.windowing import choose_window, intensity_range, slice_to_rgb
+    from medreasoner.io.volumes import read_volume
+
+    crm, asm = models.crm, models.asm
+    vol = read_volume(volume_path)
+    stack = display_stack(vol)
+    low, high = intensity_range(vol, choose_window(vol, QUERY))
+    lo, hi = parse_slice_range(slice_range, len(stack))
     counts = {"crm_calls": 0, "asm_encodes": 0, "propagation_steps": 0}
-    t_crm = t_asm = 0.0
     for i in range(lo, hi):
         rgb = slice_to_rgb(stack.raw(i), low, high)
-        t0 = time.perf_counter()
         a = crm.answer_batch([rgb], [QUERY])[0]
-        t_crm += time.perf_counter() - t0
         counts["crm_calls"] += 1
         if a.answer.box is not None:
-            t0 = time.perf_counter()
             asm.segment_batch([rgb], [a.answer.box], [a.answer.points])
-            t_asm += time.perf_counter() - t0
             counts["asm_encodes"] += 1
-    return counts, {"crm": t_crm, "asm": t_asm}
+    return counts
 
 
 def worker(args) -> None:
     """Run one strategy in this process and print a JSON line."""
-    from medreasoner.models.asm import load_asm
-    from medreasoner.models.crm import load_crm
-    from medreasoner.volume_pipeline import VolumeGrounder, parse_slice_range, write_volume_outputs
-    from medreasoner.volumes import choose_window, display_stack, intensity_range, read_volume, slice_to_rgb
+    from medreasoner.engine import ModelOptions, RunOptions, Session, load_models, write_result
+    from medreasoner.imaging.display import display_stack
+    from medreasoner.io.volumes import read_volume
 
-    crm = load_crm(args.crm, device="cpu", batch_size=args.batch)
-    crm.generation.max_new_tokens = 120
-    asm = load_asm(args.asm, checkpoint=args.asm_checkpoint, device="cpu")
+    models = load_models(ModelOptions(crm=args.crm, asm=args.asm, asm_checkpoint=args.asm_checkpoint, device="cpu",
+                                      batch_size=args.batch, max_new_tokens=args.max_new_tokens))
+    crm, asm = models.crm, models.asm
     # Warm both models up on one slice-sized image first: their working memory (activations,
     # thread pools) belongs to "the loaded models", not to how we handle the volume.
     probe = read_volume(args.volume)
@@ -97,34 +111,37 @@ def worker(args) -> None:
     crm.answer_batch([dummy] * args.batch, [QUERY] * args.batch)
     asm.segment(dummy, (shape[1] / 4, shape[0] / 4, shape[1] / 2, shape[0] / 2))
     base = rss_mb()
+    # Same instrumentation on both sides: seconds inside the loaded models' own methods.
+    timers = {"crm": Timed(crm, "answer_batch"), "encode": Timed(asm, "encode"), "decode": Timed(asm, "decode")}
+    if asm.video_propagation:
+        timers["propagation"] = Timed(asm, "propagate")
     t0 = time.perf_counter()
     if args.worker == "naive":
-        vol = read_volume(args.volume)
-        stack = display_stack(vol)
-        low, high = intensity_range(vol, choose_window(vol, QUERY))
-        lo, hi = parse_slice_range(args.range, len(stack))
-        counts, model_t = naive_loop(crm, asm, stack, low, high, lo, hi, slice_to_rgb)
+        counts = naive_loop(models, args.volume, args.range)
+        status = "-"
         wall = time.perf_counter() - t0
     else:
-        g = VolumeGrounder(crm, asm, batch_size=args.batch)
-        res = g.run(args.volume, QUERY, strategy=args.worker, slice_range=args.range)
+        session = Session(models)
+        res = session.ground_volume(args.volume, QUERY, RunOptions(strategy=args.worker, slice_range=args.range))
         with tempfile.TemporaryDirectory() as d:
-            write_volume_outputs(res, d)
+            write_result(res, d, inputs=[args.volume])
         wall = time.perf_counter() - t0
         counts = res.record["counts"]
-        tm = res.record["timings_s"]
-        model_t = {"crm": tm.get("crm", 0.0), "asm": tm.get("asm", 0.0), "propagation": tm.get("propagation", 0.0)}
-    print(json.dumps({"strategy": args.worker, "wall": wall, "counts": counts, "model": model_t,
-                      "rss_base": base, "peak": peak_mb()}))
+        status = res.status
+    model_t = {"crm": timers["crm"].seconds, "asm": timers["encode"].seconds + timers["decode"].seconds,
+               "propagation": timers["propagation"].seconds if "propagation" in timers else 0.0}
+    print(json.dumps({"strategy": args.worker, "wall": wall, "counts": counts, "model": model_t, "status": status,
+                      "load_s": models.load_seconds, "rss_base": base, "peak": peak_mb()}))
 
 
 def run_worker(strategy: str, volume: Path, args, rng: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", strategy, "--volume", str(volume), "--crm", args.crm,
-           "--asm", args.asm, "--batch", str(args.batch)]
+           "--asm", args.asm, "--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
     if args.asm_checkpoint:
         cmd += ["--asm-checkpoint", args.asm_checkpoint]
     if rng:
         cmd += ["--range", rng]
+    print(f"  running {strategy} on {volume.name} ...", flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(p.stderr[-2000:])
@@ -142,48 +159,60 @@ def row(name: str, r: dict) -> str:
     c = r["counts"]
     return (f"{name:<24}{r['wall']:>8.1f}{c['crm_calls']:>6}{c['asm_encodes']:>6}{c['propagation_steps']:>7}"
             f"{r['model'].get('crm', 0):>8.1f}{model:>8.1f}{own:>7.2f}{100 * own / r['wall']:>7.1f}%"
-            f"{r['peak'] - r['rss_base']:>9.0f}")
+            f"{r['peak'] - r['rss_base']:>9.0f}  {r['status']}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--slices", type=int, default=64)
-    ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--asm", default="medsam2")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="16 slices of 64x64 (64 for the CRM-count row), LiteMedSAM")
+    ap.add_argument("--slices", type=int, default=None, help="default 64 (--quick 16)")
+    ap.add_argument("--long-slices", type=int, default=None,
+                    help="slices of the second keyslice volume (default 4x --slices)")
+    ap.add_argument("--size", type=int, default=None, help="slice side in pixels (default 96, --quick 64)")
+    ap.add_argument("--asm", default=None, help="medsam2 (tiny random weights built here) or litemedsam "
+                                                "(default medsam2, --quick litemedsam)")
     ap.add_argument("--asm-checkpoint", default=None)
-    ap.add_argument("--crm", default=None)
+    ap.add_argument("--crm", default=None, help="CRM folder (default: the tiny CRM from make-tiny)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 120, --quick 64")
+    ap.add_argument("--work", default="/tmp/medreasoner_bench", help="folder for the cached tiny models")
     ap.add_argument("--big", action="store_true")
-    ap.add_argument("--worker", default=None)
-    ap.add_argument("--volume", default=None)
-    ap.add_argument("--range", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--volume", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--range", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    args.slices = args.slices or (16 if args.quick else 64)
+    args.long_slices = args.long_slices or 4 * args.slices
+    args.size = args.size or (64 if args.quick else 96)
+    args.asm = args.asm or ("litemedsam" if args.quick else "medsam2")
+    args.max_new_tokens = args.max_new_tokens or (64 if args.quick else 120)
 
-    from medreasoner.models.tiny import build_tiny_crm, build_tiny_sam2
-
-    tmp = Path(tempfile.mkdtemp(prefix="mr_bench_"))
-    args.crm = args.crm or str(build_tiny_crm(tmp / "crm", format_steps=150))
+    folder = tiny_crm(args.work, sam2=args.asm == "medsam2" and not args.asm_checkpoint)
+    args.crm = args.crm or str(folder / "crm")
     if args.asm == "medsam2" and not args.asm_checkpoint:
-        args.asm_checkpoint = str(build_tiny_sam2(tmp / "sam2.pt"))
+        args.asm_checkpoint = str(folder / "tiny_sam2.pt")
+    tmp = Path(tempfile.mkdtemp(prefix="mr_bench_"))
     vol = make_phantom(tmp / f"phantom_{args.slices}.nii", args.slices, args.size)
-    vol256 = make_phantom(tmp / "phantom_256.nii", 256, args.size)
+    vol_long = make_phantom(tmp / f"phantom_{args.long_slices}.nii", args.long_slices, args.size)
 
     results = {s: run_worker(s, vol, args) for s in ("keyslice", "slicewise", "naive")}
-    k256 = run_worker("keyslice", vol256, args)
+    k_long = run_worker("keyslice", vol_long, args)
     hdr = (f"{'strategy':<24}{'wall s':>8}{'CRM':>6}{'ASM':>6}{'prop':>7}{'CRM s':>8}{'model s':>8}{'own s':>7}"
-           f"{'own %':>8}{'peak MB':>9}")
-    print(f"\nphantom {args.size}x{args.size}x{args.slices} int16, ASM {args.asm}, tiny CRM, CPU "
-          f"threads={os.cpu_count()}; 'peak MB' = peak RSS above the loaded models")
+           f"{'own %':>8}{'peak MB':>9}  status")
+    print("\n" + machine())
+    print(f"phantom {args.size}x{args.size}x{args.slices} int16, ASM {args.asm}, tiny CRM "
+          f"(max_new_tokens={args.max_new_tokens}, batch {args.batch}), CPU; 'peak MB' = peak RSS above the "
+          f"loaded models; ASM = image encodes")
     print(hdr)
     print("-" * len(hdr))
     for name, r in results.items():
         print(row(name + (" (batched)" if name == "slicewise" else ""), r))
-    print(row("keyslice, 256 slices", k256))
+    print(row(f"keyslice, {args.long_slices} slices", k_long))
     naive_crm, batched_crm = results["naive"]["model"]["crm"], results["slicewise"]["model"]["crm"]
-    print(f"\nCRM calls with keyslice: {results['keyslice']['counts']['crm_calls']} (64 slices) vs "
-          f"{k256['counts']['crm_calls']} (256 slices); target <= 5 and equal")
+    print(f"\nCRM calls with keyslice: {results['keyslice']['counts']['crm_calls']} ({args.slices} slices) vs "
+          f"{k_long['counts']['crm_calls']} ({args.long_slices} slices); target <= 5 and equal")
     print(f"slicewise batched vs naive, CRM stage: x{naive_crm / max(batched_crm, 1e-9):.2f} "
           f"(target >= 1.5); wall x{results['naive']['wall'] / results['slicewise']['wall']:.2f}")
 
@@ -193,7 +222,8 @@ def main() -> None:
     c_crm_b = batched_crm / max(1, results["slicewise"]["counts"]["crm_calls"])
     c_asm = n["model"]["asm"] / max(1, n["counts"]["asm_encodes"])
     ks = results["keyslice"]
-    c_prop = ks["model"].get("propagation", 0) / max(1, ks["counts"]["propagation_steps"])
+    # video ASMs: time inside propagate(); box tracking: its encodes/decodes are counted as ASM calls
+    c_prop = ks["model"]["propagation"] / max(1, ks["counts"]["propagation_steps"])
     # Assumed, not measured (no GPU was lent to this task). Derivation: decoding a 7B bf16 model reads
     # ~15 GB of weights per token; at the H100 SXM's 3.35 TB/s (NVIDIA's spec) that bounds batch-1 decoding
     # at ~4.5 ms/token (~220 tokens/s); HF `generate` overheads typically cut that 5x, so ~40 tokens/s, and
@@ -210,6 +240,9 @@ def main() -> None:
     for k, (cs, cb, ca, cp) in costs.items():
         print(f"  {k:<30}{project(ks, cb, ca, cp):>10.1f}{project(results['slicewise'], cb, ca, cp):>11.1f}"
               f"{project(n, cs, ca, cp):>9.1f}")
+    if not all(r["status"] in ("ok", "-") for r in (*results.values(), k_long)):
+        print("\nNOTE: a strategy found no target (the tiny CRM gave no usable box): its ASM/propagation "
+              "counts are not representative.")
 
     if args.big:
         big = make_phantom(tmp / "big.nii", 300, 512)

@@ -94,11 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", help="2D: folder of images")
     b.add_argument("--masks", help="2D: folder of masks (same stem as the image)")
     b.add_argument("--queries", help="2D: queries .jsonl/.json ({image, query, [mask, id, supercategory, category]})")
-    b.add_argument("--volumes", help="3D: CSV with columns volume,labelmap (NIfTI paths)")
+    b.add_argument("--volumes", help="3D: CSV with columns volume,labelmap (NIfTI/NRRD/MHA paths or DICOM folders)")
     b.add_argument("--labels", help="3D: JSON {label: {query, supercategory, category}}")
-    b.add_argument("--axis", type=int, default=2, help="3D: slice axis in RAS (0 sagittal, 1 coronal, 2 axial)")
+    b.add_argument("--axis", default="axial",
+                   help="3D: slice axis, as inference shows it: axial (default), coronal or sagittal")
+    b.add_argument("--window", default=None,
+                   help="3D: CT window preset (abdomen, lung, brain, mediastinum, bone) or 'center,width' for "
+                        "every label (default: what inference picks from each label's query)")
     b.add_argument("--min-area", type=int, default=20, help="3D: least label pixels for a slice to count")
     b.add_argument("--every", type=int, default=1, help="3D: keep every n-th qualifying slice")
+    b.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                   help="3D: progress display; 'json' prints one JSON line per volume on stderr")
 
     t = sub.add_parser("make-tiny", help="write tiny offline test models (Qwen2.5-VL CRM + SAM2 ASM)")
     t.add_argument("out", help="folder for crm/ and tiny_sam2.pt")
@@ -282,7 +288,13 @@ def cmd_build_dataset(args) -> int:
             labels = {int(k): v for k, v in json.loads(Path(args.labels).read_text()).items()}
         except (OSError, KeyError, ValueError) as exc:
             raise InputError(f"cannot read --volumes/--labels: {exc}") from exc
-        samples = samples_from_volumes(pairs, labels, axis=args.axis, min_area=args.min_area, every=args.every)
+        events = _events(args.progress)
+        try:
+            samples = samples_from_volumes(pairs, labels, axis=args.axis, min_area=args.min_area, every=args.every,
+                                           window=args.window, events=events)
+        finally:
+            if isinstance(events, TqdmEvents):
+                events.close()
         inputs = [p for pair in pairs for p in pair]
     elif args.images and args.masks and args.queries:
         samples = samples_from_2d(args.images, args.masks, args.queries)

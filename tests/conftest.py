@@ -64,3 +64,7 @@ def litemedsam():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# Registers the CRM test double's backend ("test-brightest") for in-process CLI/bundle runs.
+import doubles  # noqa: E402,F401

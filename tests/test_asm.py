@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from medreasoner.models.asm import asm_names, load_asm
 from medreasoner.errors import ModelLoadError
+from medreasoner.models.asm import asm_names, load_asm
 
 BOX = (40.0, 30.0, 100.0, 90.0)
 POINTS = [(70.0, 60.0), (60.0, 50.0)]

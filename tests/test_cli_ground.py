@@ -3,15 +3,22 @@
 import json
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from medreasoner.cli import EXIT_INPUT, EXIT_MODEL, EXIT_NO_TARGET, EXIT_OK, main
+from medreasoner.constants import TINY_WARNING
+from medreasoner.engine import (
+    CallbackEvents,
+    CancelToken,
+    ModelOptions,
+    Session,
+    load_models,
+    validate_record,
+)
 from medreasoner.errors import CancelledError, InputError
-from medreasoner.pipeline import TINY_WARNING, GroundingPipeline
 
 QUERY = "Which organ would explain this patient's jaundice?"
 
@@ -24,10 +31,11 @@ def _ground(tiny, image, out, *extra, crm="format"):
 def test_dicom_end_to_end(tiny_models, ct_path, tmp_path, capsys):
     assert _ground(tiny_models, ct_path, tmp_path / "out") == EXIT_OK
     out = tmp_path / "out"
-    mask = np.asarray(Image.open(out / "CT_small_mask.png"))
+    mask = np.asarray(Image.open(out / "CT_small" / "mask.png"))
     assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
-    rec = json.loads((out / "CT_small_result.json").read_text())
+    rec = json.loads((out / "CT_small" / "result.json").read_text())
     assert rec["status"] == "ok" and rec["answer_status"] == "ok"
+    validate_record(rec)
     assert rec["reasoning"] and len(rec["box"]) == 4 and len(rec["points"]) == 2
     assert rec["crm"]["model"] == tiny_models["format"] and rec["crm"]["tiny_test_model"] is True
     assert rec["asm"]["name"] == "litemedsam" and rec["mask_area_px"] == int((mask > 0).sum())
@@ -39,7 +47,7 @@ def test_dicom_end_to_end(tiny_models, ct_path, tmp_path, capsys):
     x1, y1, x2, y2 = rec["box"]
     ys, xs = np.nonzero(mask)
     assert xs.min() >= int(x1) - 1 and xs.max() <= x2 + 1 and ys.min() >= int(y1) - 1 and ys.max() <= y2 + 1
-    overlay = Image.open(out / "CT_small_overlay.png")
+    overlay = Image.open(out / "CT_small" / "overlay.png")
     assert overlay.width > 128 and overlay.height >= 128
     err = capsys.readouterr().err
     assert "TINY TEST MODEL" in err
@@ -49,15 +57,15 @@ def test_png_inputs_keep_their_size(tiny_models, ct_image, tmp_path):
     a = tmp_path / "wide.png"
     Image.fromarray(np.asarray(ct_image.rgb[:90, :, 0], np.uint16) * 200).save(a)  # 16-bit, 90x128
     assert _ground(tiny_models, a, tmp_path / "o") == EXIT_OK
-    assert np.asarray(Image.open(tmp_path / "o" / "wide_mask.png")).shape == (90, 128)
+    assert np.asarray(Image.open(tmp_path / "o" / "wide" / "mask.png")).shape == (90, 128)
 
 
 def test_no_box_gives_exit_4_empty_mask_and_reason(tiny_models, ct_path, tmp_path):
     assert _ground(tiny_models, ct_path, tmp_path / "o", "--max-new-tokens", "16", crm="random") == EXIT_NO_TARGET
-    rec = json.loads((tmp_path / "o" / "CT_small_result.json").read_text())
+    rec = json.loads((tmp_path / "o" / "CT_small" / "result.json").read_text())
     assert rec["status"] == "no_target" and rec["answer_status"] == "no_answer"
     assert "no usable box" in rec["message"]
-    assert np.asarray(Image.open(tmp_path / "o" / "CT_small_mask.png")).max() == 0
+    assert np.asarray(Image.open(tmp_path / "o" / "CT_small" / "mask.png")).max() == 0
 
 
 @pytest.mark.parametrize("query", ["", "   \n\t"])
@@ -84,13 +92,23 @@ def test_zero_size_image(tiny_models, tmp_path, capsys):
 
 
 def test_never_writes_over_the_input(tiny_models, tmp_path, ct_image, capsys):
-    first, second = tmp_path / "scan.png", tmp_path / "scan_mask.png"  # scan.png's mask would be scan_mask.png
-    for p in (first, second):
-        Image.fromarray(ct_image.rgb).save(p)
-    before = second.read_bytes()
-    rc = _ground(tiny_models, first, tmp_path, "--image", str(second))
+    first = tmp_path / "mask" / "mask.png"  # its mask would be OUT/mask/mask.png: the input itself
+    first.parent.mkdir()
+    Image.fromarray(ct_image.rgb).save(first)
+    before = first.read_bytes()
+    rc = _ground(tiny_models, first, tmp_path)
     assert rc == EXIT_INPUT
-    assert "refusing to overwrite" in capsys.readouterr().err and second.read_bytes() == before
+    assert "refusing to overwrite" in capsys.readouterr().err and first.read_bytes() == before
+
+
+def test_same_names_get_separate_folders(tiny_models, tmp_path, ct_image):
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(ct_image.rgb).save(tmp_path / folder / "a.png")
+    rc = _ground(tiny_models, tmp_path / "d1" / "a.png", tmp_path / "o", "--image", str(tmp_path / "d2" / "a.png"))
+    assert rc == EXIT_OK
+    recs = [json.loads((tmp_path / "o" / d / "result.json").read_text()) for d in ("a", "a_2")]
+    assert [r["input"]["path"] for r in recs] == [str(tmp_path / "d1" / "a.png"), str(tmp_path / "d2" / "a.png")]
 
 
 def test_bad_window_and_unknown_models(tiny_models, ct_path, tmp_path, capsys):
@@ -100,25 +118,25 @@ def test_bad_window_and_unknown_models(tiny_models, ct_path, tmp_path, capsys):
     assert rc == EXIT_MODEL and "not found" in capsys.readouterr().err
     rc = main(["ground", "--image", ct_path, "--query", QUERY, "--crm", tiny_models["format"], "--asm", "nope",
                "--out", str(tmp_path / "o")])
-    assert rc == EXIT_MODEL and "available" in capsys.readouterr().err
+    assert rc == EXIT_INPUT and "unknown asm 'nope'" in capsys.readouterr().err.lower()
 
 
-def test_pipeline_api_reports_progress_and_honours_cancel(tiny_models, ct_image, litemedsam):
-    from medreasoner.models.crm import load_crm
+def test_session_reports_progress_and_honours_cancel(ct_image, litemedsam):
+    from doubles import BrightestRegionCRM
 
-    crm = load_crm(tiny_models["format"], device="cpu")
-    crm.generation.max_new_tokens = 120
-    pipe = GroundingPipeline(crm, litemedsam, batch_size=1)
+    session = Session(load_models(ModelOptions(), crm=BrightestRegionCRM(batch_size=1), asm=litemedsam))
     seen = []
-    res = pipe.run([ct_image.rgb] * 2, [QUERY] * 2, progress=lambda s, d, n: seen.append((s, d, n)))
+    res = session.ground_images([ct_image.rgb] * 2, [QUERY] * 2,
+                                events=CallbackEvents(progress=lambda s, d, n: seen.append((str(s), d, n))))
     assert seen == [("ground", 1, 2), ("ground", 2, 2)]
-    json.dumps(res[0].to_dict())  # results serialise to JSON as they are
-    stop = threading.Event()
+    assert [r.status for r in res] == ["ok", "ok"]
+    json.dumps(res[0].to_record())  # records serialise to JSON as they are
+    stop = CancelToken()
     stop.set()
     with pytest.raises(CancelledError):
-        pipe.run([ct_image.rgb], [QUERY], cancel=stop)
+        session.ground_images([ct_image.rgb], [QUERY], events=CallbackEvents(cancel=stop))
     with pytest.raises(InputError, match="empty"):
-        pipe.run([ct_image.rgb], [" "])
+        session.ground_images([ct_image.rgb], [" "])
 
 
 def test_console_script_and_json_progress(tiny_models, ct_path, tmp_path):
@@ -127,8 +145,9 @@ def test_console_script_and_json_progress(tiny_models, ct_path, tmp_path):
                               "--max-new-tokens", "120", "--progress", "json", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    progress = [json.loads(line) for line in p.stderr.splitlines() if line.startswith('{"stage"')]
-    assert progress[-1] == {"stage": "ground", "done": 1, "total": 1}
+    events = [json.loads(line) for line in p.stderr.splitlines() if line.strip()]  # all JSON
+    progress = [e for e in events if e["event"] == "progress"]
+    assert {"v": 1, "event": "progress", "stage": "ground", "done": 1, "total": 1} in progress
     assert json.loads(p.stdout)[0]["status"] == "ok"
 
 

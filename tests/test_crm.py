@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from medreasoner.errors import ModelLoadError
 from medreasoner.models.answer import AnswerStatus
 from medreasoner.models.crm import load_crm
-from medreasoner.errors import ModelLoadError
 
 
 @pytest.fixture(scope="module")

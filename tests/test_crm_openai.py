@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medreasoner.errors import ModelLoadError
 from medreasoner.models.answer import AnswerStatus
 from medreasoner.models.crm import GenerationConfig, load_crm
 from medreasoner.models.crm.openai_compat import OpenAICompatCRM  # importing it registers "openai"
-from medreasoner.errors import ModelLoadError
 from medreasoner.models.prompts import build_prompt
 
 MODEL = "zzzyzh/MedReasoner-Soft-7B"

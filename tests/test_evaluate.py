@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -72,21 +71,22 @@ def test_evaluate_writes_table_summary_and_pictures(tiny_models, umrg_parquet, t
 
 
 def test_evaluate_resumes_after_interruption(tiny_models, umrg_parquet, tmp_path):
-    from medreasoner.cli import _build_pipeline, build_parser
+    from medreasoner.cli import build_parser, model_options
     from medreasoner.data import load_samples
+    from medreasoner.engine import CallbackEvents, CancelToken, Session, load_models
 
     out = tmp_path / "eval"
     args = build_parser().parse_args(_args(tiny_models, umrg_parquet, out))
-    pipe = _build_pipeline(args)
+    session = Session(load_models(model_options(args)))
     samples = load_samples(umrg_parquet, split="test")
-    stop = threading.Event()
+    stop = CancelToken()
 
-    def progress(done, total):  # interrupt after the first batch of 2
+    def progress(stage, done, total):  # interrupt after the first batch of 2
         if done >= 2:
             stop.set()
 
     with pytest.raises(CancelledError, match="rerun to resume"):
-        run_shard(samples, pipe, out, Shard(), progress=progress, cancel=stop)
+        run_shard(samples, session, out, Shard(), events=CallbackEvents(progress=progress, cancel=stop))
     shard = Shard().path(out)
     first = read_jsonl(shard)
     assert len(first) == 2
@@ -94,9 +94,10 @@ def test_evaluate_resumes_after_interruption(tiny_models, umrg_parquet, tmp_path
         f.write('{"id": "s2", "metr')  # a line cut short by a crash
 
     calls = []
-    original = pipe.run
-    pipe.run = lambda images, queries, **kw: calls.append(len(images)) or original(images, queries, **kw)
-    run_shard(samples, pipe, out, Shard())
+    original = session.ground_images
+    session.ground_images = lambda images, queries, *a, **kw: calls.append(len(images)) or original(images, queries,
+                                                                                                   *a, **kw)
+    run_shard(samples, session, out, Shard())
     assert sum(calls) == 4  # only the unfinished samples ran again
     final = read_jsonl(shard)
     assert [r["id"] for r in final] == [f"s{i}" for i in range(6)]

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from medreasoner.models.crm.base import answer_in_original_pixels
 from medreasoner.imaging.geometry import clip_box, order_box, point_in_box
 from medreasoner.imaging.resize import ResizeMap, target_size
+from medreasoner.models.crm.base import answer_in_original_pixels
 
 sizes = st.integers(min_value=2, max_value=4096)
 coords = st.floats(min_value=0, max_value=1.0)

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from medreasoner.errors import InputError
-from medreasoner.io.images import image_from_array, load_image
 from medreasoner.imaging.intensity import Window, to_rgb_uint8
+from medreasoner.io.images import image_from_array, load_image
 
 
 def _save(tmp_path, name, arr, mode=None):

@@ -21,7 +21,12 @@ from medreasoner.data import (
     write_parquet,
 )
 from medreasoner.errors import InputError
-from medreasoner.science.keypoints import box_from_mask, distance_map, ground_truth_from_mask, keypoints_from_mask
+from medreasoner.science.keypoints import (
+    box_from_mask,
+    distance_map,
+    ground_truth_from_mask,
+    keypoints_from_mask,
+)
 
 
 # --- key points -----------------------------------------------------------------------------------
@@ -190,7 +195,8 @@ def test_parquet_round_trip_and_datasets_reads_it(tmp_path, rng):
     assert np.array_equal(np.asarray(row["masks"][0]) > 0, samples[0].mask)
     assert row["prompt"] == [{"role": "user", "content": "Which organ 0?"}]
     assert json.loads(row["reward_model"]["ground_truth"]) == samples[0].ground_truth
-    assert row["extra_info"] == {"id": "s0", "supercategory": "abdomen", "category": "organ0", "reasoning": None}
+    assert row["extra_info"] == {"id": "s0", "supercategory": "abdomen", "category": "organ0", "reasoning": None,
+                                 "metadata": None}
 
     # A datasets folder (save_to_disk), as a DatasetDict and as a single Dataset.
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dict"))
@@ -353,40 +359,54 @@ def test_samples_from_volumes(tmp_path, nifti_pair):
     import nibabel as nib
 
     vpath, lpath, labels = nifti_pair
-    samples = samples_from_volumes([(vpath, lpath)], QUERIES, axis=2, min_area=20, progress=False)
+    samples = samples_from_volumes([(vpath, lpath)], QUERIES, axis="axial", min_area=20)
     expected = [(lab, k) for lab in (1, 2) for k in range(10) if (labels[:, :, k] == lab).sum() >= 20]
     assert 4 <= len(expected) < 12
-    assert [s.id for s in samples] == [f"case01_{lab}_2{k:04d}" for lab, k in expected]
+    # Axial display index grows towards superior, which is RAS voxel k here.
+    assert [s.id for s in samples] == [f"case01_{lab}_axial{k:04d}" for lab, k in expected]
     for s, (lab, k) in zip(samples, expected):
         assert s.image.shape == (40, 40, 3) and s.image.dtype == np.uint8
-        assert (s.mask == np.rot90(labels[:, :, k] == lab)).all()  # superior/anterior up
+        # Radiological display, as at inference: RAS voxel i grows to the patient's right, so it runs
+        # right-to-left across the image; RAS j grows anterior, so anterior is at the top.
+        displayed = labels[::-1, ::-1, k].T
+        assert np.array_equal(s.mask, displayed == lab)
         assert s.mask.sum() >= 20 and s.query == QUERIES[lab]["query"] and s.category == QUERIES[lab]["category"]
+        assert s.metadata["axis"] == "axial" and s.metadata["slice_index"] == k and s.metadata["label"] == lab
         check_ground_truth(s.mask)
         assert s.image[s.mask].mean() > s.image[~s.mask].mean() + 50  # the bright structure is where the mask is
-    assert len(samples_from_volumes([(vpath, lpath)], {1: QUERIES[1]}, every=2, progress=False)) == \
+    assert len(samples_from_volumes([(vpath, lpath)], {1: QUERIES[1]}, every=2)) == \
         len([k for k in range(10) if (labels[:, :, k] == 1).sum() >= 20][::2])
-    sag = samples_from_volumes([(vpath, lpath)], {2: QUERIES[2]}, axis=0, min_area=1, progress=False)
-    assert [s.id for s in sag] == [f"case01_2_0{i:04d}" for i in range(30, 36)] and sag[0].image.shape == (10, 40, 3)
+    # The old integer axes still work (2 = axial, 0 = sagittal) and give the same samples as the names.
+    assert [s.id for s in samples_from_volumes([(vpath, lpath)], QUERIES, axis=2)] == [s.id for s in samples]
+    sag = samples_from_volumes([(vpath, lpath)], {2: QUERIES[2]}, axis=0, min_area=1)
+    # Sagittal index grows towards the patient's left, i.e. against RAS i: the box at i 30..35 is at 4..9.
+    assert [s.id for s in sag] == [f"case01_2_sagittal{i:04d}" for i in range(4, 10)] and sag[0].image.shape == (10, 40, 3)
+    for s in sag:  # rows run superior -> inferior, columns anterior -> posterior
+        assert (s.mask == (labels[39 - s.metadata["slice_index"], ::-1, ::-1].T == 2)).all()
 
-    # The same data stored flipped (LPS-like affine) gives the same slices: volumes are RAS-oriented first.
+    # The same data stored flipped (LPS-like affine) gives the same slices: display orientation is physical.
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:2, 3] = 39
     vol = np.asarray(nib.load(vpath).dataobj)
     nib.save(nib.Nifti1Image(vol[::-1, ::-1].copy(), flip), tmp_path / "f.nii")
     nib.save(nib.Nifti1Image(labels[::-1, ::-1].copy(), flip), tmp_path / "f_seg.nii")
-    flipped = samples_from_volumes([(tmp_path / "f.nii", tmp_path / "f_seg.nii")], QUERIES, progress=False)
+    flipped = samples_from_volumes([(tmp_path / "f.nii", tmp_path / "f_seg.nii")], QUERIES)
     assert [s.id for s in flipped] == [s.id.replace("case01", "f") for s in samples]
     assert all((a.mask == b.mask).all() and (a.image == b.image).all() for a, b in zip(samples, flipped))
 
-    with pytest.raises(InputError, match="no slice"):
-        samples_from_volumes([(vpath, lpath)], {7: QUERIES[1]}, progress=False)
+    with pytest.raises(InputError, match="no axial slice"):
+        samples_from_volumes([(vpath, lpath)], {7: QUERIES[1]})
     nib.save(nib.Nifti1Image(labels[:, :, :5], np.eye(4)), tmp_path / "short.nii.gz")
-    with pytest.raises(InputError, match="shape"):
-        samples_from_volumes([(vpath, tmp_path / "short.nii.gz")], QUERIES, progress=False)
+    with pytest.raises(InputError, match=r"not on the grid .*: size \(40, 40, 5\) vs \(40, 40, 10\)"):
+        samples_from_volumes([(vpath, tmp_path / "short.nii.gz")], QUERIES)
     with pytest.raises(InputError, match="not found"):
-        samples_from_volumes([(vpath, tmp_path / "nope.nii.gz")], QUERIES, progress=False)
+        samples_from_volumes([(vpath, tmp_path / "nope.nii.gz")], QUERIES)
     with pytest.raises(InputError, match="query"):
-        samples_from_volumes([(vpath, lpath)], {1: {"category": "x"}}, progress=False)
+        samples_from_volumes([(vpath, lpath)], {1: {"category": "x"}})
+    with pytest.raises(InputError, match="unknown axis"):
+        samples_from_volumes([(vpath, lpath)], QUERIES, axis=3)
+    with pytest.raises(InputError, match="unknown window"):
+        samples_from_volumes([(vpath, lpath)], QUERIES, window="liver-ish")
 
 
 # --- bad inputs -----------------------------------------------------------------------------------
@@ -472,7 +492,23 @@ def test_build_dataset_command_from_volumes(tmp_path, capsys):
     for s in samples:
         (x1, y1), (x2, y2) = s.ground_truth["point_2d"]
         assert s.mask[y1, x1] and s.mask[y2, x2]
+        assert s.metadata["axis"] == "axial" and s.id == f"ct_3_axial{s.metadata['slice_index']:04d}"
     assert main(["build-dataset", "--volumes", str(tmp_path / "pairs.csv"), "--out", str(out)]) == EXIT_INPUT
+
+    # Coronal slices with a fixed window; JSON progress lines on stderr, one per volume.
+    out2 = tmp_path / "coronal.parquet"
+    rc = main(["build-dataset", "--volumes", str(tmp_path / "pairs.csv"), "--labels", str(tmp_path / "labels.json"),
+               "--axis", "coronal", "--window", "abdomen", "--progress", "json", "--min-area", "4", "--out", str(out2)])
+    captured = capsys.readouterr()
+    assert rc == EXIT_OK and "wrote 8 samples" in captured.out  # RAS j 6..13 -> 8 coronal slices of 8x4 pixels
+    events = [json.loads(line) for line in captured.err.splitlines() if line.startswith("{")]
+    assert [(e["stage"], e["done"], e["total"]) for e in events if e["event"] == "progress"] == [("read", 0, 1),
+                                                                                               ("read", 1, 1)]
+    coronal = load_samples(out2)
+    assert {s.metadata["axis"] for s in coronal} == {"coronal"}
+    assert {(s.metadata["window_low"], s.metadata["window_high"]) for s in coronal} == {(-160.0, 240.0)}
+    assert main(["build-dataset", "--volumes", str(tmp_path / "pairs.csv"), "--labels", str(tmp_path / "labels.json"),
+                 "--axis", "oblique", "--out", str(tmp_path / "x.parquet")]) == EXIT_INPUT
 
 
 def test_reasoning_traces_round_trip_and_feed_sft_targets(tmp_path):

@@ -13,19 +13,11 @@ import pytest
 import SimpleITK as sitk
 
 from medreasoner.errors import InputError
-from medreasoner.imaging.intensity import Window
-from medreasoner.volumes import (
-    AXES,
-    WINDOW_PRESETS,
-    Volume,
-    choose_window,
-    display_stack,
-    intensity_range,
-    read_volume,
-    slice_to_rgb,
-    volume_from_image,
-    write_segmentation,
-)
+from medreasoner.imaging.display import AXES, display_stack
+from medreasoner.imaging.intensity import WINDOW_PRESETS, Window
+from medreasoner.imaging.windowing import choose_window, intensity_range, slice_to_rgb
+from medreasoner.io.segmentation import write_segmentation
+from medreasoner.io.volumes import Volume, read_volume, volume_from_image
 
 SIZE = (20, 16, 12)  # SimpleITK (x, y, z)
 SPACING = (0.7, 0.8, 2.5)
@@ -258,7 +250,7 @@ def test_dicom_series_folder(tmp_path, caplog):
     stored = _write_ct_series(folder, 6, "1.2.826.0.1.3680043.8.498.2.600")
     _write_ct_series(folder, 3, "1.2.826.0.1.3680043.8.498.2.300")  # a smaller second series
     (folder / "notes.txt").write_text("not DICOM")
-    with caplog.at_level(logging.INFO, logger="medreasoner.volumes"):
+    with caplog.at_level(logging.INFO, logger="medreasoner.io.volumes"):
         vol = read_volume(folder)
     assert vol.modality == "CT"
     assert vol.metadata["series_uid"].endswith(".600") and vol.metadata["n_series_in_folder"] == 2
@@ -346,7 +338,7 @@ def test_slice_to_rgb():
 
 
 def test_intensity_range_subsamples_large_volumes(monkeypatch):
-    import medreasoner.volumes as volumes
+    import medreasoner.io.volumes as volumes
 
     rng = np.random.default_rng(1)
     values = rng.normal(100, 20, (40, 50, 60)).astype(np.float32)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from medreasoner.constants import CRM_SIDECAR as SIDECAR
+
 EXPORT_INFO = "medreasoner_export.json"  # provenance of the exported CRM, next to its weights
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")

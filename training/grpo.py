@@ -39,12 +39,15 @@ def mask_dice_reward(cfg: TrainConfig):
     """Reward = Dice between the ASM's mask for the answered box + points and the GT mask."""
     import numpy as np
 
+    from medreasoner.engine import ModelOptions, Session, load_models
     from medreasoner.models.answer import parse_completion
-    from medreasoner.models.asm import load_asm
     from medreasoner.science.metrics import mask_dice
     from medreasoner.science.rewards import completion_text
 
-    asm = load_asm(cfg.mask_reward_asm, checkpoint=cfg.mask_reward_checkpoint)
+    # The ASM only: completions come from the policy being trained. The session caches each
+    # image's embedding, so the group of completions for one prompt costs one encode.
+    session = Session(load_models(ModelOptions(asm=cfg.mask_reward_asm, asm_checkpoint=cfg.mask_reward_checkpoint),
+                                  with_crm=False), embedding_cache_mb=256)
 
     def mask_dice_asm(completions, image, mask=None, **_):
         out = []
@@ -54,7 +57,7 @@ def mask_dice_reward(cfg: TrainConfig):
             if m is None or a.box is None:
                 out.append(0.0)
                 continue
-            pred = asm.segment(rgb, a.box, a.points).mask
+            pred = session.segment_image(rgb, a.box, a.points).mask
             out.append(float(mask_dice(pred, np.asarray(m) > 0)))
         return out
 

@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python training/sft.py` from anywhere
 
+from medreasoner.constants import CRM_SIDECAR as SIDECAR  # noqa: E402
 from training.common import (  # noqa: E402
     TrainConfig,
     arg_parser,
@@ -42,8 +43,6 @@ from training.common import (  # noqa: E402
 )
 
 log = logging.getLogger("medreasoner.training.sft")
-
-from medreasoner.constants import CRM_SIDECAR as SIDECAR
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -1,4 +1,4 @@
-"""Read and write data in the U-MRG-14K layout, and build such data from labelled 2D images or volumes.
+"""U-MRG-format samples: the :class:`Sample` record and every reader (datasets folders, parquet, plain folders).
 
 U-MRG is stored as parquet (or a ``datasets`` folder) with one row per sample:
 
@@ -6,10 +6,12 @@ U-MRG is stored as parquet (or a ``datasets`` folder) with one row per sample:
 - ``masks``: list with the target mask (0/255 image), possibly empty;
 - ``prompt``: chat list, ``[{"role": "user", "content": "<implicit question>"}]``;
 - ``reward_model``: ``{"ground_truth": '{"bbox_2d": [...], "point_2d": [[x, y], [x, y]]}'}``;
-- ``data_source``: a string; ``extra_info``: ``{"id", "supercategory", "category"}``.
+- ``data_source``: a string; ``extra_info``: ``{"id", "supercategory", "category", "reasoning", "metadata"}``
+  (``metadata``: a JSON object as a string, e.g. the slice and window a volume slice was built with).
 
 The ground truth is in the pixel space of the stored image. Every reader yields :class:`Sample`
 objects; every problem with the data is an :class:`InputError` that names the file or sample.
+Writing lives in :mod:`medreasoner.data.parquet`, building from labelled data in :mod:`medreasoner.data.builders`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from medreasoner.errors import InputError
-from medreasoner.io.files import atomic_write_with, guard_outputs, png_bytes
 from medreasoner.io.images import image_from_array, load_image
 from medreasoner.science.keypoints import ground_truth_from_mask
 
@@ -62,6 +63,9 @@ class Sample:
     data_source: str = "umrg"
     source: str = field(default="", repr=False)
     reasoning: str | None = None  # a reasoning trace for SFT, where the data has one
+    # How the sample was made (volume slices: axis, slice index, window), so training data can be
+    # checked against what inference shows; stored as JSON in extra_info.metadata.
+    metadata: dict = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -122,136 +126,6 @@ def iter_samples(path: str | Path, split: str = "test", limit: int | None = None
             f"images/ with {' or '.join(QUERY_FILES)}"
         )
     return _checked(stream, f"split {split!r} of {p}", limit)
-
-
-def write_parquet(samples: Iterable[Sample], path: str | Path, *, inputs: Sequence[str | Path] = ()) -> Path:
-    """Write the samples to one parquet file in the U-MRG column layout; return its path.
-
-    The file is written to a temporary name in the same folder and renamed, so a reader never
-    sees half a file. It refuses to replace any file the samples were read from (or ``inputs``).
-    The schema carries ``datasets`` metadata, so ``load_dataset("parquet", ...)`` decodes the
-    ``images`` and ``masks`` columns as images.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise InputError(f"{out} is a folder; give the path of the .parquet file to write")
-    samples = list(samples)
-    if not samples:
-        raise InputError("no samples to write")
-    guard_outputs([out], [Path(p) for p in inputs] + [Path(s.source) for s in samples if s.source])
-    resolved = out.resolve()
-    for src in {s.source for s in samples if s.source}:
-        sp = Path(src).resolve()
-        if sp.is_dir() and sp in resolved.parents:
-            raise InputError(f"refusing to write {out} inside the input dataset folder {src}")
-    seen: set[str] = set()
-    for s in samples:
-        if s.id in seen:
-            raise InputError(f"duplicate sample id {s.id!r}: ids must be unique")
-        seen.add(s.id)
-
-    schema = _umrg_schema(pa)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for start in range(0, len(samples), _BATCH):
-                rows = [_umrg_row(s) for s in samples[start:start + _BATCH]]
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-
-    return atomic_write_with(out, write)
-
-
-def samples_from_2d(images_dir: str | Path, masks_dir: str | Path, queries_file: str | Path, *,
-                    data_source: str = "umrg") -> list[Sample]:
-    """Samples from labelled 2D images; the ground truth is always derived from the masks.
-
-    ``queries_file`` (.jsonl, or .json holding a list) has records ``{"image": "name.png",
-    "query": "...", optional "mask", "id", "supercategory", "category"}``; names are relative to
-    ``images_dir`` / ``masks_dir``, and without "mask" the mask is the file with the image's stem.
-    Nothing is skipped: a record whose image or mask is missing, or whose mask is empty, is an error.
-    """
-    images, masks, qfile = Path(images_dir).expanduser(), Path(masks_dir).expanduser(), Path(queries_file).expanduser()
-    for what, d in (("images", images), ("masks", masks)):
-        if not d.is_dir():
-            raise InputError(f"{what} folder not found: {d}")
-    if not qfile.is_file():
-        raise InputError(f"queries file not found: {qfile}")
-    records = _read_records(qfile)
-    stream = _records_to_samples(records, qfile, images, masks, require_mask=True, gt_from_mask=True,
-                                 data_source=data_source)
-    return list(_checked(stream, str(qfile), None))
-
-
-def samples_from_volumes(pairs: Sequence[tuple[str | Path, str | Path]], label_queries: Mapping[int, Mapping[str, str]],
-                         axis: int = 2, min_area: int = 20, every: int = 1, *, data_source: str = "umrg",
-                         progress: bool = True) -> list[Sample]:
-    """2D samples from NIfTI (volume, label map) pairs: one per slice and label with enough pixels.
-
-    Volumes are brought to the closest RAS orientation, so ``axis`` 0/1/2 is sagittal/coronal/axial,
-    and each slice is rotated so that superior / anterior is up. Intensities are scaled to uint8
-    per volume (0.5-99.5 percentiles of the non-zero voxels). For each label in ``label_queries``
-    (``{label: {"query", "supercategory", "category"}}``) the slices with at least ``min_area``
-    pixels of it are kept, then every ``every``-th of those. Ids are
-    ``{volume_stem}_{label}_{axis}{index:04d}``, the index counted in the RAS-oriented volume.
-    """
-    import nibabel as nib
-    from tqdm import tqdm
-
-    if axis not in (0, 1, 2):
-        raise InputError(f"axis must be 0, 1 or 2, got {axis!r}")
-    if not isinstance(min_area, int) or min_area < 1:
-        raise InputError(f"min_area must be a whole number >= 1, got {min_area!r}")
-    if not isinstance(every, int) or every < 1:
-        raise InputError(f"every must be a whole number >= 1, got {every!r}")
-    labels = _check_label_queries(label_queries)
-    pairs = [(Path(v).expanduser(), Path(lab).expanduser()) for v, lab in pairs]
-    if not pairs:
-        raise InputError("no (volume, label map) pairs given")
-    for v, lab in pairs:
-        for p in (v, lab):
-            if not p.is_file():
-                raise InputError(f"NIfTI file not found: {p}")
-
-    samples: list[Sample] = []
-    bar = tqdm(total=0, desc="slicing volumes", unit="slice", disable=not progress)
-    try:
-        for vpath, lpath in pairs:
-            volume, labelmap = _load_pair(nib, vpath, lpath)
-            scaled = _volume_to_uint8(volume)
-            stem = _nifti_stem(vpath)
-            other = tuple(a for a in range(3) if a != axis)
-            for label, info in labels.items():
-                hit = labelmap == label
-                kept = np.flatnonzero(hit.sum(axis=other) >= min_area)[::every]
-                bar.total += len(kept)
-                bar.refresh()
-                for k in kept:
-                    mask = np.ascontiguousarray(np.rot90(np.take(hit, k, axis=axis)))
-                    grey = np.rot90(np.take(scaled, k, axis=axis))
-                    samples.append(Sample(
-                        id=f"{stem}_{label}_{axis}{int(k):04d}",
-                        image=np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2)),
-                        mask=mask,
-                        query=info["query"],
-                        ground_truth=ground_truth_from_mask(mask),
-                        supercategory=info.get("supercategory", ""),
-                        category=info.get("category", ""),
-                        data_source=data_source,
-                        source=str(vpath),
-                    ))
-                    bar.update(1)
-    finally:
-        bar.close()
-    if not samples:
-        raise InputError(
-            f"no slice along axis {axis} has >= {min_area} pixels of any label in {sorted(labels)}; "
-            "check the label numbers and min_area"
-        )
-    return samples
 
 
 # --- checks shared by the readers ------------------------------------------------------------------
@@ -480,6 +354,7 @@ def _sample_from_row(row: Mapping[str, Any], cols: _Columns, n: int, split: str,
         data_source=str(row.get("data_source") or "umrg"),
         source=str(source),
         reasoning=extra.get("reasoning") or row.get("reasoning") or None,
+        metadata=_as_dict(extra.get("metadata")),
     )
 
 
@@ -663,112 +538,3 @@ def _plain_folder_samples(root: Path, qfile: Path) -> Iterator[Sample]:
     records = _read_records(qfile)
     return _records_to_samples(records, qfile, images, masks if masks.is_dir() else None,
                                require_mask=False, gt_from_mask=False, data_source="umrg")
-
-
-# --- writing ---------------------------------------------------------------------------------------
-def _umrg_schema(pa):
-    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    string = {"dtype": "string", "_type": "Value"}
-    hf_features = {  # what `datasets` reads back: images and masks as Image features
-        "images": [{"_type": "Image"}],
-        "masks": [{"_type": "Image"}],
-        "prompt": [{"role": string, "content": string}],
-        "reward_model": {"ground_truth": string},
-        "data_source": string,
-        "extra_info": {"id": string, "supercategory": string, "category": string, "reasoning": string},
-    }
-    schema = pa.schema([
-        ("images", pa.list_(image)),
-        ("masks", pa.list_(image)),
-        ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("reward_model", pa.struct([("ground_truth", pa.string())])),
-        ("data_source", pa.string()),
-        ("extra_info", pa.struct([("id", pa.string()), ("supercategory", pa.string()), ("category", pa.string()),
-                                  ("reasoning", pa.string())])),
-    ])
-    return schema.with_metadata({b"huggingface": json.dumps({"info": {"features": hf_features}}).encode()})
-
-
-def _umrg_row(s: Sample) -> dict:
-    image = np.asarray(s.image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise InputError(f"sample {s.id}: image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
-    mask = None if s.mask is None else np.asarray(s.mask).astype(bool)
-    if mask is not None and mask.ndim != 2:
-        raise InputError(f"sample {s.id}: mask must be (H, W), got shape {mask.shape}")
-    _check_sizes(image, mask, s.id)
-    gt = _resolve_ground_truth(_parse_ground_truth(s.ground_truth, s.id), mask, s.id)
-    return {
-        "images": [{"bytes": png_bytes(image), "path": f"{s.id}.png"}],
-        "masks": [] if mask is None else [{"bytes": png_bytes(mask.astype(np.uint8) * 255),
-                                           "path": f"{s.id}_mask.png"}],
-        "prompt": [{"role": "user", "content": s.query}],
-        "reward_model": {"ground_truth": json.dumps(gt)},
-        "data_source": s.data_source,
-        "extra_info": {"id": s.id, "supercategory": s.supercategory, "category": s.category,
-                       "reasoning": s.reasoning},
-    }
-
-
-# --- volumes ---------------------------------------------------------------------------------------
-def _check_label_queries(label_queries: Mapping[int, Mapping[str, str]]) -> dict[int, Mapping[str, str]]:
-    if not isinstance(label_queries, Mapping) or not label_queries:
-        raise InputError("label_queries must map label numbers to {'query': ..., 'supercategory': ..., 'category': ...}")
-    out = {}
-    for label, info in label_queries.items():
-        try:
-            number = int(label)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"label {label!r} is not a whole number") from exc
-        if number == 0:
-            raise InputError("label 0 is background; give the numbers of the structures to slice")
-        if not isinstance(info, Mapping) or not isinstance(info.get("query"), str) or not info["query"].strip():
-            raise InputError(f"label {label!r} needs a non-empty 'query'")
-        out[number] = info
-    return dict(sorted(out.items()))
-
-
-def _nifti_stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def _load_pair(nib, vpath: Path, lpath: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(volume float32, integer label map), both RAS-oriented and checked to match."""
-    imgs = []
-    for p in (vpath, lpath):
-        try:
-            img = nib.squeeze_image(nib.load(str(p)))
-        except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for bad files
-            raise InputError(f"cannot read {p} as NIfTI: {exc}") from exc
-        if len(img.shape) != 3:
-            raise InputError(f"{p} is not a 3D volume (shape {img.shape})")
-        imgs.append(img)
-    vol, lab = imgs
-    if vol.shape != lab.shape:
-        raise InputError(f"{lpath} has shape {lab.shape} but {vpath} has {vol.shape}")
-    if not np.allclose(vol.affine, lab.affine, atol=1e-3):
-        raise InputError(f"{lpath} and {vpath} have different affines: they are not on the same grid")
-    vol, lab = nib.as_closest_canonical(vol), nib.as_closest_canonical(lab)
-    labels = np.asarray(lab.dataobj)
-    if not np.issubdtype(labels.dtype, np.integer):
-        labels = np.rint(np.nan_to_num(labels.astype(np.float64)))
-    return np.asarray(vol.dataobj, dtype=np.float32), labels.astype(np.int32)
-
-
-def _volume_to_uint8(volume: np.ndarray) -> np.ndarray:
-    """Scale to 0..255 by the 0.5-99.5 percentiles of the finite non-zero voxels (zeros are padding)."""
-    finite = np.isfinite(volume)
-    values = volume[finite & (volume != 0)]
-    if values.size == 0:
-        return np.zeros(volume.shape, np.uint8)
-    lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
-    if hi <= lo:
-        lo, hi = float(values.min()), float(values.max())
-    v = np.where(finite, volume, lo)
-    if hi <= lo:  # a single non-zero value: show it white
-        return np.where(v != 0, 255, 0).astype(np.uint8)
-    return np.rint((np.clip(v, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)

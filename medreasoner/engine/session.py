@@ -138,16 +138,13 @@ class _SliceFrames:
         self.stack = prepared.stack(axis)
         self.indices = list(range(len(self.stack))) if indices is None else list(indices)
 
-    def key(self, i: int) -> Hashable:
-        return ("volume", self.prepared.key, self.axis, self.low, self.high, self.indices[i])
-
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> np.ndarray:
         from medreasoner.imaging.windowing import slice_to_rgb
 
-        key = self.key(i)
+        key = (self.prepared.key, self.axis, self.low, self.high, self.indices[i])
         rgb = self.session._slices.get(key)
         if rgb is None:
             rgb = slice_to_rgb(self.stack.raw(self.indices[i]), self.low, self.high)
@@ -217,9 +214,12 @@ class Session:
         run.counts["crm_calls"] += len(frames)
         return answers
 
-    def _segment(self, frames: Sequence[np.ndarray], keys: Sequence[Hashable], boxes, points, run: _Run):
-        """ASM masks, encoding only the images whose embedding is not cached yet."""
+    def _segment(self, frames: Sequence[np.ndarray], boxes, points, run: _Run):
+        """ASM masks, encoding only the images whose embedding is not cached yet. Embeddings are keyed
+        by the pixels the ASM sees, so a volume given as a file and as an in-memory image, or the
+        same slice reached by two questions, shares them."""
         asm = self.models.asm
+        keys = [("rgb", array_digest(f)) for f in frames]
         embeddings = [self._embeddings.get(k) for k in keys]
         missing = [i for i, e in enumerate(embeddings) if e is None]
         run.counts["embedding_cache_hits"] += len(keys) - len(missing)
@@ -239,7 +239,7 @@ class Session:
         run.counts["asm_decodes"] += len(out)
         return out
 
-    def _ask(self, frames, keys, queries, prompt, run: _Run, stage: Stage, batch: int):
+    def _ask(self, frames, queries, prompt, run: _Run, stage: Stage, batch: int):
         """CRM on ``frames`` in batches, then the ASM wherever the CRM answered a box."""
         out: list[tuple[Any, Any]] = []
         total = len(frames)
@@ -248,8 +248,7 @@ class Session:
             chunk = [frames[i] for i in range(s, min(total, s + batch))]
             answers = self._answer(chunk, list(queries[s:s + batch]), prompt, run)
             todo = [k for k, a in enumerate(answers) if a.answer.box is not None]
-            segs = dict(zip(todo, self._segment([chunk[k] for k in todo], [keys[s + k] for k in todo],
-                                                [answers[k].answer.box for k in todo],
+            segs = dict(zip(todo, self._segment([chunk[k] for k in todo], [answers[k].answer.box for k in todo],
                                                 [answers[k].answer.points for k in todo], run))) if todo else {}
             out.extend((a, segs.get(k)) for k, a in enumerate(answers))
             run.events.progress(stage, len(out), total)
@@ -274,8 +273,7 @@ class Session:
         loaded = [self.read_image(im, options.window) for im in images]
         run = _Run(events)
         frames = [im.rgb for im in loaded]
-        keys = [("image", array_digest(f)) for f in frames]
-        asked = self._ask(frames, keys, queries, options.prompt, run, Stage.GROUND,
+        asked = self._ask(frames, queries, options.prompt, run, Stage.GROUND,
                           max(1, int(getattr(self.models.crm, "batch_size", 4))))
         crm_desc, asm_desc = self.models.crm.describe(), self.models.asm.describe()
         results = []
@@ -300,6 +298,13 @@ class Session:
                 counts=dict(run.counts), rgb=im.rgb,
             ))
         return results
+
+    def segment_image(self, image: Any, box, points=None):
+        """The ASM's mask for given prompts (no CRM): a box (+ key points) on a 2D image. Prompts on
+        the same image reuse its cached embedding (GRPO scores many completions per image)."""
+        rgb = read_image(image).rgb
+        run = _Run(None)
+        return self._segment([rgb], [tuple(box)], [points], run)[0]
 
     # -- 3D --------------------------------------------------------------------------------------
     def ground_volume(self, volume: Any, query: str, options: RunOptions | None = None,
@@ -327,8 +332,7 @@ class Session:
         batch = max(1, int(getattr(self.models.crm, "batch_size", 4)))
 
         def ask(indices: list[int], stage: Stage) -> list[dict]:
-            pairs = self._ask(frames.sub(indices), [frames.key(i) for i in indices], [query] * len(indices),
-                              options.prompt, run, stage, batch)
+            pairs = self._ask(frames.sub(indices), [query] * len(indices), options.prompt, run, stage, batch)
             return [{"slice": int(i), "answer": a, "mask": seg.mask if seg else None,
                      "asm_score": seg.score if seg else None} for i, (a, seg) in zip(indices, pairs)]
 
@@ -414,7 +418,7 @@ class Session:
             run.counts["propagation_steps"] = len(masks) - 1
         else:
             def segment(i: int, box) -> np.ndarray:
-                return self._segment([frames[i]], [frames.key(i)], [box], [None], run)[0].mask
+                return self._segment([frames[i]], [box], [None], run)[0].mask
 
             masks = strat.track_boxes(segment, lo, hi, key, key_mask,
                                       lambda: run.events.check_cancelled("propagation"), on_step)

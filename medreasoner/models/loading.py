@@ -138,16 +138,18 @@ def load_asm_from(options: ModelOptions):
         raise ModelLoadError(f"could not load the ASM {options.asm!r}: {exc}") from exc
 
 
-def load_models(options: ModelOptions | None = None, *, crm: Any = None, asm: Any = None) -> Models:
+def load_models(options: ModelOptions | None = None, *, crm: Any = None, asm: Any = None,
+                with_crm: bool = True) -> Models:
     """Load the CRM and the ASM described by ``options`` (once; share the result).
 
     ``crm``/``asm`` take an already-built model instead (a test double, or a model kept from an
-    earlier load) so callers never need a second builder.
+    earlier load) so callers never need a second builder. ``with_crm=False`` loads the ASM only
+    (the training mask reward scores completions the trainer generated).
     """
     options = (options or ModelOptions()).checked()
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    if crm is None:
+    if crm is None and with_crm:
         crm = load_crm_from(options)
         times["crm"] = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -20,11 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medreasoner.constants import DEFAULT_CRM as DEFAULT_CRM_HUB_ID
+from medreasoner.constants import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL
+
 logger = logging.getLogger("medreasoner.bundle")
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CRM_HUB_ID = "zzzyzh/MedReasoner-Soft-7B"
-EXIT_INPUT, EXIT_MODEL, EXIT_CANCELLED = 2, 3, 130
+
 _NULLS = ("", "null", "none")
 
 
@@ -147,55 +149,88 @@ def build_cases(image: Any = None, query: Any = None, dataset_dir: Any = None) -
     return [(p, q.strip()) for p, q in pairs]
 
 
-def load_crm_model(model: str, backend: str = "transformers", device: str = "auto", max_new_tokens: int = 1024,
-                   batch_size: int = 4, image_size: int | None = None, base_url: str | None = None,
-                   trust_remote_code: bool = False):
-    """The CRM, loaded once (``medreasoner.models.crm.load_crm`` with the CLI's options)."""
-    from medreasoner.models.crm import GenerationConfig, load_crm
-    from medreasoner.errors import ModelLoadError
+def model_options(crm: str, crm_backend: str = "transformers", base_url: str | None = None, asm: str = "litemedsam",
+                  asm_checkpoint: str | None = None, device: str = "auto", max_new_tokens: int = 1024,
+                  batch_size: int = 4, asm_batch_size: Any = None, image_size: Any = None,
+                  trust_remote_code: bool = False):
+    """The core's ``ModelOptions`` from config values (checked before anything loads)."""
+    from medreasoner.engine import ModelOptions
+    from medreasoner.errors import InputError
 
-    kwargs: dict[str, Any] = {"device": _text(device) or "auto", "batch_size": int(batch_size),
-                              "trust_remote_code": bool(trust_remote_code),
-                              "generation": GenerationConfig(max_new_tokens=int(max_new_tokens))}
-    if _optional(image_size) is not None:
-        kwargs["image_size"] = int(image_size)
-    if backend == "openai":
-        kwargs["base_url"] = base_url
-    logger.info("loading CRM %s (backend %s) on %s", model, backend, kwargs["device"])
     try:
-        return load_crm(str(model), backend=str(backend), **kwargs)
-    except (ModelLoadError, KeyError, OSError, ValueError) as exc:
-        raise _fail(f"could not load the CRM {model!r}: {exc.args[0] if exc.args else exc}", EXIT_MODEL) from exc
+        return ModelOptions(
+            crm=str(crm), crm_backend=str(crm_backend), base_url=_text(base_url) or ModelOptions.base_url,
+            asm=str(asm), asm_checkpoint=_text(asm_checkpoint), device=_text(device) or "auto",
+            max_new_tokens=int(max_new_tokens), batch_size=int(batch_size),
+            asm_batch_size=None if _optional(asm_batch_size) is None else int(asm_batch_size),
+            image_size=None if _optional(image_size) is None else int(image_size),
+            trust_remote_code=bool(trust_remote_code),
+        ).checked()
+    except (InputError, TypeError, ValueError) as exc:
+        raise _fail(f"bad model option: {exc}", EXIT_INPUT) from exc
 
 
-def load_asm_model(name: str = "litemedsam", checkpoint: str | None = None, device: str = "auto",
-                   batch_size: int | None = None):
-    """The ASM, loaded once (``medreasoner.models.asm.load_asm``)."""
-    from medreasoner.models.asm import load_asm
-    from medreasoner.errors import ModelLoadError
+def run_options(prompt: str = "reasoning", strategy: str = "keyslice", axis: str = "axial", window: Any = None,
+                slice_range: Any = None, key_slice: Any = None, n_candidates: int = 5, keep_largest: bool = True):
+    """The core's ``RunOptions`` from config values (checked before anything loads)."""
+    from medreasoner.engine import RunOptions
+    from medreasoner.errors import InputError
 
-    checkpoint = _text(checkpoint)
-    logger.info("loading ASM %s (checkpoint %s)", name, checkpoint or "default")
     try:
-        return load_asm(str(name), checkpoint=checkpoint, device=_text(device) or "auto",
-                        batch_size=_optional(batch_size))
-    except (ModelLoadError, KeyError, OSError, ValueError) as exc:
-        raise _fail(f"could not load the ASM {name!r}: {exc.args[0] if exc.args else exc}", EXIT_MODEL) from exc
+        return RunOptions(prompt=str(prompt), strategy=str(strategy), axis=str(axis), window=window_option(window),
+                          slice_range=slice_range_option(slice_range),
+                          key_slice=None if _optional(key_slice) is None else int(key_slice),
+                          n_candidates=int(n_candidates), keep_largest=bool(keep_largest)).checked()
+    except (InputError, TypeError, ValueError) as exc:
+        raise _fail(f"bad option: {exc}", EXIT_INPUT) from exc
 
 
-def run(cases: Sequence[tuple[str, str]], output_dir: str | Path, crm, asm, prompt: str = "reasoning",
-        strategy: str = "keyslice", axis: str = "axial", window: Any = None, slice_range: Any = None,
-        progress: bool = True) -> list[dict]:
-    """Run every case through ``medreasoner.runner.run_cases``; exit non-zero when a case was not ok."""
-    from medreasoner import runner
+def load_session(options):
+    """Models loaded once through ``medreasoner.engine.load_models``, wrapped in a session."""
+    from medreasoner.engine import Session, load_models
+    from medreasoner.errors import InputError, ModelLoadError
+
+    logger.info("loading CRM %s (%s) and ASM %s on %s", options.crm, options.crm_backend, options.asm, options.device)
+    try:
+        return Session(load_models(options))
+    except ModelLoadError as exc:
+        raise _fail(f"could not load the models: {exc}", EXIT_MODEL) from exc
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_INPUT) from exc
+
+
+class _LogEvents:
+    """Progress to the bundle's logger (MONAI's logging.conf decides where it goes)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = bool(enabled)
+        self._last: dict[str, int] = {}
+
+    def progress(self, stage, done: int, total: int) -> None:
+        if self.enabled and (done == total or done - self._last.get(str(stage), 0) >= max(1, total // 10)):
+            self._last[str(stage)] = done
+            logger.info("%s: %d/%d", stage, done, total)
+
+    def log(self, message: str, level: str = "info") -> None:
+        logger.log(logging.getLevelName(level.upper()), message)
+
+    def cancelled(self) -> bool:
+        return False
+
+    def check_cancelled(self, where: str) -> None:
+        pass
+
+
+def run(cases: Sequence[tuple[str, str]], output_dir: str | Path, session, options, progress: bool = True) -> list[dict]:
+    """Every case through ``medreasoner.engine.run_cases`` (the CLI's writer and layout); exits
+    non-zero when a case was not ok."""
+    from medreasoner.engine import Case, exit_code, run_cases
     from medreasoner.errors import CancelledError, MedReasonerError, ModelLoadError
 
     out = Path(str(output_dir)).expanduser().absolute()
     logger.info("%d case(s) -> %s", len(cases), out)
     try:
-        summaries = runner.run_cases(list(cases), out, crm=crm, asm=asm, prompt=str(prompt),
-                                     strategy=str(strategy), axis=str(axis), window=window_option(window),
-                                     slice_range=slice_range_option(slice_range), progress=bool(progress))
+        summaries = run_cases(session, [Case(p, q) for p, q in cases], out, options, _LogEvents(progress))
     except ModelLoadError as exc:
         raise _fail(str(exc), EXIT_MODEL) from exc
     except CancelledError as exc:
@@ -203,15 +238,15 @@ def run(cases: Sequence[tuple[str, str]], output_dir: str | Path, crm, asm, prom
     except (MedReasonerError, ValueError) as exc:
         raise _fail(str(exc), EXIT_INPUT) from exc
     for s in summaries:
-        line = f"{s.get('image')}: {s.get('status')}"
-        if s.get("message"):
-            line += f" - {s['message']}"
-        (logger.info if s.get("status") == "ok" else logger.warning)(line)
-        for name, path in (s.get("outputs") or {}).items():
+        line = f"{s.input}: {s.status}"
+        if s.message:
+            line += f" - {s.message}"
+        (logger.info if s.status == "ok" else logger.warning)(line)
+        for name, path in s.outputs.items():
             logger.info("  %s: %s", name, path)
-    print(json.dumps(summaries, indent=2, default=str))
-    code = runner.exit_code(summaries)
+    print(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))
+    code = exit_code(summaries)
     logger.info("outputs are in %s (exit code %d)", out, code)
     if code:
         raise SystemExit(code)
-    return summaries
+    return [s.to_dict() for s in summaries]

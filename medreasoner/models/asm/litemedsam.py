@@ -26,8 +26,9 @@ class LiteMedSAMASM(ASM):
     name = "litemedsam"
 
     def __init__(self, checkpoint: str | None = None, device: str | None = "auto", batch_size: int | None = None):
-        import torch
         import warnings
+
+        import torch
 
         with warnings.catch_warnings():  # timm's own deprecation notices, not ours to act on
             warnings.simplefilter("ignore", FutureWarning)
