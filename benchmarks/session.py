@@ -260,7 +260,11 @@ def main() -> None:
     ap.add_argument("--volume", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--questions", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--from-raw", default=None, help="print the report of an earlier run's raw.json again")
     args = ap.parse_args()
+    if args.from_raw:
+        raw = json.loads(Path(args.from_raw).read_text())
+        return report(argparse.Namespace(**raw["args"]), raw["session"], raw["cli"])
     if args.worker:
         args.key_slice = None if args.key_slice in (None, "middle", "auto") else int(args.key_slice)
         return session_worker(args)
@@ -281,8 +285,11 @@ def main() -> None:
     sess = run_session(args, volume, out / "session")
     print(f"(b) {len(args.questions)} fresh CLI runs:", flush=True)
     cli = [run_cli(args, volume, q, out / "cli" / f"q{i}") for i, q in enumerate(args.questions, 1)]
-    report(args, sess, cli)
     shutil.rmtree(tmp, ignore_errors=True)
+    raw = out / "raw.json"
+    raw.write_text(json.dumps({"args": vars(args), "session": sess, "cli": cli}, indent=1))
+    print(f"raw numbers: {raw}")
+    report(args, sess, cli)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_metadata_content():
                 "required_packages_version", "supported_apps", "name", "task", "description", "authors",
                 "copyright", "data_source", "data_type", "intended_use", "references", "network_data_format"):
         assert key in meta, key
-    assert meta["version"] == "0.1.0" and meta["version"] in meta["changelog"]
+    assert meta["version"] == "0.2.0" and meta["version"] in meta["changelog"]
     assert "optional_packages_version" not in meta  # monai.bundle would rename it over required_packages_version
     assert "research" in meta["intended_use"].lower() and "clinical" in meta["intended_use"].lower()
     refs = " ".join(meta["references"])
@@ -132,7 +132,7 @@ def test_config_ids_resolve_without_loading_models(bundle_scripts, tmp_path):
     image = tmp_path / "x.png"
     image.write_bytes(b"not read here")
     parser = _parser(image=str(image), query=QUERY, output_dir=str(tmp_path / "out"))
-    assert parser.get_parsed_content("_meta_#version") == "0.1.0"
+    assert parser.get_parsed_content("_meta_#version") == "0.2.0"
     assert isinstance(parser["run"], list) and parser["run"]
     assert Path(parser.get_parsed_content("bundle_root")) == BUNDLE
     assert parser.get_parsed_content("crm") == bundle_scripts.default_crm(BUNDLE)
