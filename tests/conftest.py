@@ -27,6 +27,22 @@ def no_internet(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+@pytest.fixture(autouse=True)
+def result_records_follow_the_schema(request):
+    """Every result.json a test leaves in its tmp_path must validate against the result schema."""
+    # asked for before the test runs, so tmp_path is still there when this fixture finishes
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is None:
+        return
+    import json
+
+    from medreasoner.engine import validate_record
+
+    for path in tmp.rglob("result.json"):
+        validate_record(json.loads(path.read_text()))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{'format': CRM folder that answers in format, 'random': untrained CRM, 'sam2': checkpoint}."""

@@ -68,7 +68,9 @@ def test_wrong_checkpoint_for_config(tmp_path):
 
 
 def test_unknown_asm_name():
-    with pytest.raises(KeyError, match="litemedsam"):
+    from medreasoner.errors import UnknownComponentError
+
+    with pytest.raises(UnknownComponentError, match="litemedsam"):
         load_asm("nnunet")
 
 

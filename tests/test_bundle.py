@@ -149,7 +149,7 @@ def test_config_ids_resolve_without_loading_models(bundle_scripts, tmp_path):
     # the options are the core's own objects, checked without loading anything
     assert isinstance(parser.get_parsed_content("model_options"), ModelOptions)
     assert parser.get_parsed_content("run_options") == RunOptions()
-    comp = parser.get_parsed_content("model_options", instantiate=False)
+    comp = _parser().get_parsed_content("model_options", instantiate=False)
     assert isinstance(comp, ConfigComponent) and callable(locate(parser["model_options"]["_target_"]))
     assert parser["session"].startswith("$scripts.inference.load_session(")  # the only place models load
 

@@ -66,5 +66,7 @@ def test_hub_id_offline_is_a_clear_error():
 
 
 def test_unknown_backend():
-    with pytest.raises(KeyError, match="available"):
+    from medreasoner.errors import UnknownComponentError
+
+    with pytest.raises(UnknownComponentError, match="available"):
         load_crm("x", backend="nope")

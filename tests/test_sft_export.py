@@ -214,7 +214,8 @@ def test_export_lora_run_to_bundle_and_run_it(lora_run, tiny_crm, tmp_path):
     proc = _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", dest / "configs" / "inference.json",
                  "--meta_file", dest / "configs" / "metadata.json", "--image", image, "--query", QUERIES[0],
                  "--output_dir", outputs, "--max_new_tokens", "40", "--device", "cpu"], cwd=tmp_path)
-    assert proc.returncode in (0, 4), proc.stderr[-3000:]  # 4: the tiny CRM gave no usable box
-    assert (outputs / "slice" / "mask.png").is_file() and (outputs / "slice" / "result.json").is_file()
+    assert (outputs / "slice" / "mask.png").is_file() and (outputs / "slice" / "result.json").is_file(), proc.stderr[-3000:]
     result = json.loads((outputs / "slice" / "result.json").read_text())
+    # the SFT'd tiny CRM's answer is not predictable; the exit code must match what it answered
+    assert proc.returncode == {"ok": 0, "no_target": 4}[result["status"]], proc.stderr[-3000:]
     assert Path(result["crm"]["model"]).resolve() == crm.resolve()

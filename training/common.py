@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from medreasoner.constants import CRM_SIDECAR, DEFAULT_CRM_IMAGE_SIZE
+from medreasoner.constants import CRM_SIDECAR, DEFAULT_CRM, DEFAULT_CRM_IMAGE_SIZE
 
 log = logging.getLogger("medreasoner.training")
 
@@ -21,7 +21,7 @@ log = logging.getLogger("medreasoner.training")
 @dataclass
 class TrainConfig:
     # model and data
-    model: str = "zzzyzh/MedReasoner-Soft-7B"  # any Qwen2.5-VL-family folder or hub id
+    model: str = DEFAULT_CRM  # any Qwen2.5-VL-family folder or hub id
     data: str = ""  # U-MRG: datasets folder, parquet file/folder or plain folder (medreasoner.data)
     split: str = "train"
     limit: int | None = None
