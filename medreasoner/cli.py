@@ -222,6 +222,7 @@ def cmd_ground(args) -> int:
 
 def cmd_segment_volume(args) -> int:
     from medreasoner.engine import Case, RunOptions, check_query
+    from medreasoner.engine.session import check_volume_options
     from medreasoner.io.volumes import read_volume
 
     query = check_query(args.query)
@@ -230,6 +231,7 @@ def cmd_segment_volume(args) -> int:
                          keep_largest=not args.all_components).checked()
     model_options(args)
     volume = read_volume(args.volume)  # input problems surface before the models load
+    check_volume_options(volume, options)
     return _run_and_report([Case(volume, query)], args, options)
 
 

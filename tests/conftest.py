@@ -84,3 +84,13 @@ def rng():
 
 # Registers the CRM test double's backend ("test-brightest") for in-process CLI/bundle runs.
 import doubles  # noqa: E402,F401
+
+# Fixtures that build or load models (tiny CRMs, LiteMedSAM, sessions over them) make a test slow.
+_HEAVY_FIXTURES = {"tiny_models", "litemedsam", "session", "sam2_session", "bundle_run", "umrg_parquet"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test-fast` deselects `slow`; mark what loads models here, once, instead of per test."""
+    for item in items:
+        if _HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -47,6 +47,7 @@ def test_medsam2_tiny_checkpoint_through_sam2(tiny_models, ct_image):
     assert set(rs[0].timings) == {"encode", "decode"}
 
 
+@pytest.mark.slow
 def test_sam2_1024_random_init_builds_from_packaged_config(ct_image):
     asm = load_asm("sam2", random_init=True, device="cpu")
     assert asm.describe()["image_size"] == 1024

@@ -313,6 +313,7 @@ def _check_2d_outputs(case_dir: Path, image: Path, status: str):
     assert (case_dir / "overlay.png").is_file()
 
 
+@pytest.mark.slow
 def test_bundle_run_volume(tmp_path, bundle_scripts, capsys):
     image = _phantom(tmp_path / "phantom.nii.gz")
     out = tmp_path / "out"
@@ -328,6 +329,7 @@ def test_bundle_run_volume(tmp_path, bundle_scripts, capsys):
     assert record["counts"]["propagation_steps"] >= 1
 
 
+@pytest.mark.slow
 def test_bundle_run_2d(tmp_path, bundle_scripts, capsys):
     image = _png(tmp_path / "slice.png")
     out = tmp_path / "out"
@@ -336,6 +338,7 @@ def test_bundle_run_2d(tmp_path, bundle_scripts, capsys):
     _check_2d_outputs(out / "slice", image, "ok")
 
 
+@pytest.mark.slow
 def test_bundle_run_dataset_dir(tmp_path, bundle_scripts, capsys):
     data = tmp_path / "data"
     (data / "imgs").mkdir(parents=True)
@@ -354,6 +357,7 @@ def test_bundle_run_dataset_dir(tmp_path, bundle_scripts, capsys):
     assert _check_volume_outputs(out / "ct", vol, "ok")["slice_range"] == [6, 7]
 
 
+@pytest.mark.slow
 def test_bundle_cli_and_core_cli_write_the_same_layout(tmp_path, bundle_scripts, capsys):
     from medreasoner.cli import main
 
@@ -377,6 +381,7 @@ def nib_mask(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
 
 
+@pytest.mark.slow
 def test_bundle_subprocess_with_the_real_tiny_crm(tmp_path, tiny_models):
     """The real bundle command and the real (untrained) Qwen2.5-VL CRM: no usable answer -> exit 4,
     an empty mask on the input grid and the reason, in the same layout."""
@@ -390,6 +395,7 @@ def test_bundle_subprocess_with_the_real_tiny_crm(tmp_path, tiny_models):
     assert any("TINY TEST MODEL" in w for w in record["warnings"])
 
 
+@pytest.mark.slow
 def test_bundle_run_missing_image(tmp_path, tiny_models):
     out = tmp_path / "out"
     missing = tmp_path / "no_such_volume.nii.gz"

@@ -13,6 +13,8 @@ from medreasoner.cli import EXIT_OK, main
 from medreasoner.errors import CancelledError
 from medreasoner.science.evaluate import Shard, read_jsonl, run_shard
 
+pytestmark = pytest.mark.slow  # trains or evaluates real tiny models end to end
+
 QUERIES = ["Which structure would explain the pain?", "Where is the abnormality?"]
 
 

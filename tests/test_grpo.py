@@ -13,6 +13,8 @@ import pytest
 
 from medreasoner.science.rewards import component_rewards, score
 
+pytestmark = pytest.mark.slow  # trains or evaluates real tiny models end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false"}
 GOOD = "<think>t</think><answer>{'bbox': [0, 0, 10, 10], 'points_1': [2, 5], 'points_2': [8, 5]}</answer>"

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # trains or evaluates real tiny models end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "monai_bundle"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_DISABLED": "true",

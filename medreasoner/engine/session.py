@@ -320,10 +320,8 @@ class Session:
         vol = prepared.volume
         stack = prepared.stack(options.axis)
         n = len(stack)
-        lo_i, hi_i = strat.parse_slice_range(options.slice_range, n)
+        lo_i, hi_i = slice_bounds(n, options)
         key_slice = options.key_slice
-        if key_slice is not None and not lo_i <= key_slice < hi_i:
-            raise InputError(f"key slice {key_slice} is outside the slice range {lo_i}:{hi_i}")
         win = choose_window(vol, query, options.window)
         low, high = intensity_range(vol, win)
         frames = _SliceFrames(self, prepared, options.axis, low, high, run)
@@ -465,6 +463,21 @@ class Session:
     def clear_caches(self) -> None:
         for c in (self._embeddings, self._slices, self._volumes):
             c.clear()
+
+
+def slice_bounds(n_slices: int, options: RunOptions) -> tuple[int, int]:
+    """The checked [start, stop) slice range of a stack of ``n_slices`` (and the key slice inside it)."""
+    lo, hi = strat.parse_slice_range(options.slice_range, n_slices)
+    if options.key_slice is not None and not lo <= options.key_slice < hi:
+        raise InputError(f"key slice {options.key_slice} is outside the slice range {lo}:{hi}")
+    return lo, hi
+
+
+def check_volume_options(volume: Any, options: RunOptions) -> None:
+    """Refuse options that do not fit this volume (slice range, key slice) before models load."""
+    from medreasoner.imaging.display import display_stack
+
+    slice_bounds(len(display_stack(volume, options.checked().axis)), options)
 
 
 def read_image(image: Any, window: Any = None):
