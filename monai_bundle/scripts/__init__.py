@@ -1,5 +1,7 @@
-"""Bundle-side adapter code for the MedReasoner MONAI bundle.
+"""Bundle-side code for the MedReasoner MONAI bundle: the MONAI workflow pieces over the core.
 
-Everything that reads images, windows intensities, handles orientation or segments lives in the
-``medreasoner`` package; this folder only turns bundle config values into calls to it.
+``inference`` (config values -> the core's options and case lists), ``network`` (``network_def``),
+``transforms`` (``preprocessing`` / ``postprocessing``), ``inferer`` (``inferer``, ``prepare_batch``),
+``handlers`` (evaluator handlers). Everything that reads images, windows intensities, handles
+orientation, segments or writes results lives in the ``medreasoner`` package.
 """

@@ -1,9 +1,12 @@
-"""Thin adapter between ``configs/inference.json`` and the ``medreasoner`` core.
+"""Config helpers for ``configs/inference.json``: option objects, case lists, exit codes.
 
-It only (1) turns the config values into a list of (image, query) cases, (2) loads the CRM and the
-ASM once through ``medreasoner.models.crm.load_crm`` / ``medreasoner.models.asm.load_asm``, (3) hands everything to
-``medreasoner.runner.run_cases`` and (4) reports where the outputs are and exits with the runner's
-exit code. Image reading, windowing, orientation, slicing and segmentation all happen in the core.
+The bundle is a MONAI workflow (``network_def``, ``preprocessing``, ``dataset``, ``inferer``,
+``postprocessing``, ``evaluator``); the pieces live in ``network.py``, ``transforms.py``,
+``inferer.py`` and ``handlers.py``. This module only turns config values into what those pieces
+take: the core's ``ModelOptions`` / ``RunOptions`` (checked before anything loads) and the list of
+``{"image", "query", "case"}`` dicts the ``dataset`` holds (every path checked before any model
+loads). Image reading, windowing, orientation, slicing and segmentation all happen in the
+``medreasoner`` core.
 
 Exit codes (see docs/README.md): 0 every case ok; 4 the CRM found no usable target for at least one
 case (an empty mask and the reason are still written); 2 bad input (missing image, bad case list,
@@ -16,21 +19,21 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medreasoner.constants import DEFAULT_CRM as DEFAULT_CRM_HUB_ID
-from medreasoner.constants import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL
+from medreasoner.constants import EXIT_INPUT, EXIT_MODEL
 
 logger = logging.getLogger("medreasoner.bundle")
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+BATCH_OVERLAY = "configs/batch_inference.json"
 
 _NULLS = ("", "null", "none")
 
 
-def _fail(message: str, code: int) -> SystemExit:
+def fail(message: str, code: int) -> SystemExit:
     """Log ``message`` (printing it when logging is not configured) and return the SystemExit to raise."""
     logger.error(message)
     if not logging.getLogger().handlers and not logger.handlers:
@@ -78,6 +81,11 @@ def slice_range_option(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def bundle_root() -> str:
+    """``bundle_root``: the folder holding ``configs/`` and ``scripts/``, wherever the run starts from."""
+    return str(BUNDLE_ROOT)
+
+
 def default_crm(bundle_root: str | Path) -> str:
     """The bundle's own ``models/crm`` folder when weights were copied there, else the hub id."""
     local = Path(bundle_root) / "models" / "crm"
@@ -90,63 +98,105 @@ def default_asm_checkpoint(bundle_root: str | Path, asm: str) -> str | None:
     return str(local) if str(asm).lower() == "medsam2" and local.is_file() else None
 
 
-def _read_case_list(folder: Path) -> list[dict[str, Any]]:
+def torch_device(device: Any):
+    """The evaluator's ``torch.device``: ``auto`` picks CUDA when present. The models choose their own
+    device from ``model_options`` (the evaluator moves no tensors: a case is not one)."""
+    import torch
+
+    from medreasoner.models.devices import resolve_device
+
+    text = _text(device) or "auto"
+    try:
+        return resolve_device("auto") if text == "auto" else torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise fail(f"bad device {text!r}: {exc}", EXIT_INPUT) from exc
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+
+def _checked(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every image must exist and every case needs a question; folder names are fixed here, in case
+    order, so a re-run writes to the same folders (the core CLI's naming)."""
+    from medreasoner.engine import StemAllocator
+
+    missing = [c["image"] for c in cases if not Path(c["image"]).exists()]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise fail("image not found: " + ", ".join(missing[:5]) + more, EXIT_INPUT)
+    no_query = [c["image"] for c in cases if not c["query"] or not c["query"].strip()]
+    if no_query:
+        raise fail("no query for: " + ", ".join(no_query[:5]) + " (pass --query or fill the query column)",
+                   EXIT_INPUT)
+    stems = StemAllocator()
+    return [{"image": c["image"], "query": c["query"].strip(), "case": stems.take(c["image"])} for c in cases]
+
+
+def single_case(image: Any = None, query: Any = None, dataset_dir: Any = None) -> list[dict[str, Any]]:
+    """``dataset#data`` of ``inference.json``: the one case ``--image`` + ``--query``.
+
+    With neither given the list is empty: the bundle still parses (``check_properties``, MONAI
+    tools that set ``dataset_data`` themselves) and ``run`` stops with "nothing to do" (exit 2).
+    """
+    image, query = _text(image), _text(query)
+    if _text(dataset_dir) and not image:
+        raise fail(f"dataset_dir needs the batch overlay: --config_file \"['configs/inference.json',"
+                   f"'{BATCH_OVERLAY}']\"", EXIT_INPUT)
+    if not image:
+        return []
+    return _checked([{"image": str(Path(image).expanduser().absolute()), "query": query}])
+
+
+def _read_rows(folder: Path) -> list[dict[str, Any]]:
     csv_file, json_file = folder / "cases.csv", folder / "cases.json"
     if csv_file.is_file() and json_file.is_file():
-        raise _fail(f"dataset_dir {folder} has both cases.csv and cases.json; keep one", EXIT_INPUT)
+        raise fail(f"dataset_dir {folder} has both cases.csv and cases.json; keep one", EXIT_INPUT)
     try:
         if csv_file.is_file():
             with csv_file.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 if "image" not in (reader.fieldnames or []):
-                    raise _fail(f"{csv_file} needs the columns image,query; got {reader.fieldnames}", EXIT_INPUT)
+                    raise fail(f"{csv_file} needs the columns image,query; got {reader.fieldnames}", EXIT_INPUT)
                 return [dict(row) for row in reader]
         if json_file.is_file():
             rows = json.loads(json_file.read_text(encoding="utf-8"))
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise _fail(f"{json_file} must hold a list of {{\"image\": ..., \"query\": ...}}", EXIT_INPUT)
+                raise fail(f"{json_file} must hold a list of {{\"image\": ..., \"query\": ...}}", EXIT_INPUT)
             return rows
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
-        raise _fail(f"cannot read the case list in {folder}: {exc}", EXIT_INPUT) from exc
-    raise _fail(f"dataset_dir {folder} has neither cases.csv nor cases.json", EXIT_INPUT)
+        raise fail(f"cannot read the case list in {folder}: {exc}", EXIT_INPUT) from exc
+    raise fail(f"dataset_dir {folder} has neither cases.csv nor cases.json", EXIT_INPUT)
 
 
-def build_cases(image: Any = None, query: Any = None, dataset_dir: Any = None) -> list[tuple[str, str]]:
-    """(image path, query) pairs from either ``image`` + ``query`` or ``dataset_dir``.
+def case_list(dataset_dir: Any, query: Any = None, image: Any = None) -> list[dict[str, Any]]:
+    """``dataset#data`` of the ``batch_inference.json`` overlay: the cases in ``dataset_dir``.
 
-    In a dataset folder, relative image paths resolve against the folder and ``query`` (when given)
-    fills rows whose own query is empty. Every path is checked here, before any model is loaded.
+    ``cases.csv`` (columns image,query) or ``cases.json``; relative image paths resolve against the
+    folder and ``query`` (when given) fills rows whose own query is empty.
     """
-    image, query, dataset_dir = _text(image), _text(query), _text(dataset_dir)
-    if image and dataset_dir:
-        raise _fail("give either image (with query) or dataset_dir, not both", EXIT_INPUT)
-    if dataset_dir:
-        folder = Path(dataset_dir).expanduser()
-        if not folder.is_dir():
-            raise _fail(f"dataset_dir not found or not a folder: {folder}", EXIT_INPUT)
-        pairs = []
-        for n, row in enumerate(_read_case_list(folder), start=1):
-            path = _text(row.get("image"))
-            if not path:
-                raise _fail(f"case {n} in {folder} has no image", EXIT_INPUT)
-            full = Path(path).expanduser()
-            pairs.append((str(full if full.is_absolute() else folder / full), _text(row.get("query")) or query))
-        if not pairs:
-            raise _fail(f"the case list in {folder} is empty", EXIT_INPUT)
-    elif image:
-        pairs = [(str(Path(image).expanduser().absolute()), query)]
-    else:
-        raise _fail("nothing to do: pass --image FILE --query TEXT, or --dataset_dir DIR", EXIT_INPUT)
+    folder_text = _text(dataset_dir)
+    if _text(image):
+        raise fail("give either image (with query) or dataset_dir, not both", EXIT_INPUT)
+    if not folder_text:
+        raise fail("the batch overlay needs --dataset_dir DIR (a folder with cases.csv or cases.json)", EXIT_INPUT)
+    folder = Path(folder_text).expanduser()
+    if not folder.is_dir():
+        raise fail(f"dataset_dir not found or not a folder: {folder}", EXIT_INPUT)
+    default_query = _text(query)
+    cases = []
+    for n, row in enumerate(_read_rows(folder), start=1):
+        path = _text(row.get("image"))
+        if not path:
+            raise fail(f"case {n} in {folder} has no image", EXIT_INPUT)
+        full = Path(path).expanduser()
+        cases.append({"image": str(full if full.is_absolute() else folder / full),
+                      "query": _text(row.get("query")) or default_query})
+    if not cases:
+        raise fail(f"the case list in {folder} is empty", EXIT_INPUT)
+    return _checked(cases)
 
-    missing = [p for p, _ in pairs if not Path(p).exists()]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise _fail("image not found: " + ", ".join(missing[:5]) + more, EXIT_INPUT)
-    no_query = [p for p, q in pairs if not q or not q.strip()]
-    if no_query:
-        raise _fail("no query for: " + ", ".join(no_query[:5]) + " (pass --query or fill the query column)",
-                    EXIT_INPUT)
-    return [(p, q.strip()) for p, q in pairs]
+
+# ---------------------------------------------------------------------------------------- options
 
 
 def model_options(crm: str, crm_backend: str = "transformers", base_url: str | None = None, asm: str = "litemedsam",
@@ -167,7 +217,7 @@ def model_options(crm: str, crm_backend: str = "transformers", base_url: str | N
             trust_remote_code=bool(trust_remote_code),
         ).checked()
     except (InputError, TypeError, ValueError) as exc:
-        raise _fail(f"bad model option: {exc}", EXIT_INPUT) from exc
+        raise fail(f"bad model option: {exc}", EXIT_INPUT) from exc
 
 
 def run_options(prompt: str = "reasoning", strategy: str = "keyslice", axis: str = "axial", window: Any = None,
@@ -182,7 +232,7 @@ def run_options(prompt: str = "reasoning", strategy: str = "keyslice", axis: str
                           key_slice=None if _optional(key_slice) is None else int(key_slice),
                           n_candidates=int(n_candidates), keep_largest=bool(keep_largest)).checked()
     except (InputError, TypeError, ValueError) as exc:
-        raise _fail(f"bad option: {exc}", EXIT_INPUT) from exc
+        raise fail(f"bad option: {exc}", EXIT_INPUT) from exc
 
 
 def load_session(options):
@@ -194,59 +244,6 @@ def load_session(options):
     try:
         return Session(load_models(options))
     except ModelLoadError as exc:
-        raise _fail(f"could not load the models: {exc}", EXIT_MODEL) from exc
+        raise fail(f"could not load the models: {exc}", EXIT_MODEL) from exc
     except InputError as exc:
-        raise _fail(str(exc), EXIT_INPUT) from exc
-
-
-class _LogEvents:
-    """Progress to the bundle's logger (MONAI's logging.conf decides where it goes)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = bool(enabled)
-        self._last: dict[str, int] = {}
-
-    def progress(self, stage, done: int, total: int) -> None:
-        if self.enabled and (done == total or done - self._last.get(str(stage), 0) >= max(1, total // 10)):
-            self._last[str(stage)] = done
-            logger.info("%s: %d/%d", stage, done, total)
-
-    def log(self, message: str, level: str = "info") -> None:
-        logger.log(logging.getLevelName(level.upper()), message)
-
-    def cancelled(self) -> bool:
-        return False
-
-    def check_cancelled(self, where: str) -> None:
-        pass
-
-
-def run(cases: Sequence[tuple[str, str]], output_dir: str | Path, session, options, progress: bool = True) -> list[dict]:
-    """Every case through ``medreasoner.engine.run_cases`` (the CLI's writer and layout); exits
-    non-zero when a case was not ok."""
-    from medreasoner.engine import Case, exit_code, run_cases
-    from medreasoner.errors import CancelledError, MedReasonerError, ModelLoadError
-
-    out = Path(str(output_dir)).expanduser().absolute()
-    logger.info("%d case(s) -> %s", len(cases), out)
-    try:
-        summaries = run_cases(session, [Case(p, q) for p, q in cases], out, options, _LogEvents(progress))
-    except ModelLoadError as exc:
-        raise _fail(str(exc), EXIT_MODEL) from exc
-    except CancelledError as exc:
-        raise _fail(f"cancelled: {exc}", EXIT_CANCELLED) from exc
-    except (MedReasonerError, ValueError) as exc:
-        raise _fail(str(exc), EXIT_INPUT) from exc
-    for s in summaries:
-        line = f"{s.input}: {s.status}"
-        if s.message:
-            line += f" - {s.message}"
-        (logger.info if s.status == "ok" else logger.warning)(line)
-        for name, path in s.outputs.items():
-            logger.info("  %s: %s", name, path)
-    print(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))
-    code = exit_code(summaries)
-    logger.info("outputs are in %s (exit code %d)", out, code)
-    if code:
-        raise SystemExit(code)
-    return [s.to_dict() for s in summaries]
+        raise fail(str(exc), EXIT_INPUT) from exc
