@@ -11,7 +11,7 @@ the naive loop), batched (CRM and ASM batches of ``--batch``), and CRM batched w
 Without --crm, a tiny format-trained Qwen2.5-VL is built offline with ``medreasoner make-tiny``
 (cached under ``--work``; its generation is unrealistically cheap, so the CRM column mostly shows
 fixed per-call overhead). Images: pydicom's CT and MR slices with rotations and flips, so every call
-sees different pixels. ``--quick``: 4 images, batch 4, 64 new tokens (a couple of minutes on 2 cores).
+sees different pixels. ``--quick``: 4 images, batch 4 (a minute or two on 2 cores).
 """
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="images (default 16, --quick 4)")
     ap.add_argument("--batch", type=int, default=None, help="CRM/ASM batch of the batched modes (default 8, --quick 4)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 120, --quick 64")
+    ap.add_argument("--max-new-tokens", type=int, default=120, help="the tiny CRM's answers take ~70")
     ap.add_argument("--work", default="/tmp/medreasoner_bench", help="folder for the cached tiny CRM")
-    ap.add_argument("--quick", action="store_true", help="4 images, batch 4, 64 new tokens")
+    ap.add_argument("--quick", action="store_true", help="4 images, batch 4")
     args = ap.parse_args()
     n = args.n or (4 if args.quick else 16)
     batch = args.batch or (4 if args.quick else 8)
-    max_new = args.max_new_tokens or (64 if args.quick else 120)
+    max_new = args.max_new_tokens
 
     from medreasoner.engine import ModelOptions, load_models
 
