@@ -60,3 +60,18 @@ lock: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# MONAI Label server (monailabel_app/, see its README.md): the tiny test CRM (built on first use, shared with
+# `make demo`) + LiteMedSAM on a studies folder holding nilearn's MNI152 T1; offline, loopback only unless
+# asked (make serve SERVE_HOST=0.0.0.0). Extra --conf pairs go in SERVE_CONF.
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8000
+SERVE_CONF ?=
+
+.PHONY: serve
+serve: $(STAMP)
+	test -f $(DEMO_OUT)/models/crm/medreasoner_crm.json || $(PY) -m medreasoner make-tiny $(DEMO_OUT)/models --no-sam2
+	$(PY) -m medreasoner.demo --write-mni $(DEMO_OUT)/studies/mni152_t1_2mm.nii.gz
+	$(PY) -m monailabel.main start_server --app monailabel_app --studies $(DEMO_OUT)/studies \
+		--host $(SERVE_HOST) --port $(SERVE_PORT) --conf crm $(DEMO_OUT)/models/crm --conf asm litemedsam \
+		--conf max_new_tokens 160 $(SERVE_CONF)

@@ -217,23 +217,23 @@ class Session:
     def _segment(self, frames: Sequence[np.ndarray], boxes, points, run: _Run):
         """ASM masks, encoding only the images whose embedding is not cached yet. Embeddings are keyed
         by the pixels the ASM sees, so a volume given as a file and as an in-memory image, or the
-        same slice reached by two questions, shares them."""
+        same slice reached by two questions, shares them. The cache is read under the ASM lock: two
+        requests racing for the same slices then encode them once, not twice."""
         asm = self.models.asm
         keys = [("rgb", array_digest(f)) for f in frames]
-        embeddings = [self._embeddings.get(k) for k in keys]
-        missing = [i for i, e in enumerate(embeddings) if e is None]
-        run.counts["embedding_cache_hits"] += len(keys) - len(missing)
-        if missing:
-            t0 = time.perf_counter()
-            with self.models.asm_lock:
-                new = asm.encode([frames[i] for i in missing])
-            run.add_time("asm_encode", t0)
-            run.counts["asm_encodes"] += len(missing)
-            for i, emb in zip(missing, new):
-                embeddings[i] = emb
-                self._embeddings.put(keys[i], emb)
-        t0 = time.perf_counter()
         with self.models.asm_lock:
+            embeddings = [self._embeddings.get(k) for k in keys]
+            missing = [i for i, e in enumerate(embeddings) if e is None]
+            run.counts["embedding_cache_hits"] += len(keys) - len(missing)
+            if missing:
+                t0 = time.perf_counter()
+                new = asm.encode([frames[i] for i in missing])
+                run.add_time("asm_encode", t0)
+                run.counts["asm_encodes"] += len(missing)
+                for i, emb in zip(missing, new):
+                    embeddings[i] = emb
+                    self._embeddings.put(keys[i], emb)
+            t0 = time.perf_counter()
             out = [asm.decode(e, b, p) for e, b, p in zip(embeddings, boxes, points)]
         run.add_time("asm_decode", t0)
         run.counts["asm_decodes"] += len(out)
