@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-sam2", action="store_true", help="skip the SAM2 checkpoint")
 
     sub.add_parser("models", help="list the registered CRM backends and ASMs")
+
+    w = sub.add_parser("worker", help="load the models once and serve JSON-line requests on stdin/stdout "
+                                      "(the 3D Slicer module drives this; see README 'Worker protocol')")
+    w.add_argument("--plugins", default=None,
+                   help="comma-separated modules or .py files that register CRM backends or ASMs")
+    _add_model_args(w)
     return parser
 
 
@@ -320,10 +326,18 @@ def cmd_make_tiny(args) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args) -> int:
+    from medreasoner.engine.worker import run_worker
+
+    return run_worker(args, model_options)  # errors become "fatal" protocol lines there, not stderr text
+
+
 def cmd_models(_args) -> int:
-    from medreasoner.models.asm import asm_names  # noqa: F401 - imports register the ASMs
-    from medreasoner.models.crm import openai_compat, qwen_vl  # noqa: F401
+    from medreasoner.models.asm import asm_names
+    from medreasoner.models.crm import openai_compat, qwen_vl  # noqa: F401 - importing registers them
     from medreasoner.models.registry import ASMS, CRMS
+
+    asm_names()  # importing the ASM modules registers them
 
     print(json.dumps({"crm_backends": CRMS.describe(), "asms": ASMS.describe()}, indent=2))
     return EXIT_OK
@@ -379,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_output(args)
     handler = {"ground": cmd_ground, "segment-volume": cmd_segment_volume, "evaluate": cmd_evaluate,
-               "build-dataset": cmd_build_dataset, "make-tiny": cmd_make_tiny, "models": cmd_models}[args.command]
+               "build-dataset": cmd_build_dataset, "make-tiny": cmd_make_tiny, "models": cmd_models,
+               "worker": cmd_worker}[args.command]
     json_mode = getattr(args, "progress", "bar") == "json"
 
     def fail(code: int, kind: str, message: str) -> int:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--max-new-tokens", "160", "--out", str(out / "ground2d")])
     print(f"\nDemo outputs (tiny test CRM + real LiteMedSAM on pydicom's CT_small.dcm): {out / 'ground2d'}",
           file=sys.stderr)
-    for f in sorted((out / "ground2d").glob("*")):
+    for f in sorted(p for p in (out / "ground2d").rglob("*") if p.is_file()):
         print(f"  {f}", file=sys.stderr)
     return rc
 
