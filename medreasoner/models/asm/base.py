@@ -85,15 +85,6 @@ class ASM(ABC):
         raise NotImplementedError(f"{self.name} has no video propagation; the engine tracks boxes instead")
 
 
-def grown_box(mask: np.ndarray, shape: tuple[int, int], grow: float = 0.1) -> Box:
-    """The mask's tight box (continuous coordinates) grown by ``grow`` of its size on each side."""
-    ys, xs = np.nonzero(mask)
-    x1, x2, y1, y2 = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
-    gx, gy = max(1.0, (x2 - x1) * grow), max(1.0, (y2 - y1) * grow)
-    h, w = shape
-    return (max(0.0, x1 - gx), max(0.0, y1 - gy), min(float(w), x2 + gx), min(float(h), y2 + gy))
-
-
 def check_prompts(image: np.ndarray, box: Box) -> None:
     h, w = image.shape[:2]
     x1, y1, x2, y2 = box
