@@ -25,6 +25,7 @@ from medreasoner.constants import (  # noqa: F401 - re-exported for scripts and 
     EXIT_NO_TARGET,
     EXIT_OK,
 )
+from medreasoner.engine.events import Events
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -138,7 +139,7 @@ def _events(kind: str):
     return CallbackEvents(cancel=cancel)
 
 
-class TqdmEvents:
+class TqdmEvents(Events):
     """One tqdm bar per stage, on stderr; the only place in the package that draws bars."""
 
     def __init__(self, cancel):
@@ -163,12 +164,6 @@ class TqdmEvents:
 
     def cancelled(self) -> bool:
         return self.cancel.is_set()
-
-    def check_cancelled(self, where: str) -> None:
-        if self.cancelled():
-            from medreasoner.errors import CancelledError
-
-            raise CancelledError(f"cancelled during {where}")
 
     def close(self) -> None:
         for bar in self._bars.values():
@@ -205,8 +200,7 @@ def _run_and_report(cases, args, options) -> int:
     try:
         summaries = run_cases(session, cases, out, options, events)
     finally:
-        if isinstance(events, TqdmEvents):
-            events.close()
+        events.close()
     for s in summaries:
         for w in s.warnings:
             _say(args, w, "warning")
@@ -264,8 +258,7 @@ def cmd_evaluate(args) -> int:
     try:
         run_shard(samples, session, out, shard, options, events)
     finally:
-        if isinstance(events, TqdmEvents):
-            events.close()
+        events.close()
     if shard.rank != 0:
         return EXIT_OK
     crm, asm = session.models.crm, session.models.asm
@@ -301,8 +294,7 @@ def cmd_build_dataset(args) -> int:
             samples = samples_from_volumes(pairs, labels, axis=args.axis, min_area=args.min_area, every=args.every,
                                            window=args.window, events=events)
         finally:
-            if isinstance(events, TqdmEvents):
-                events.close()
+            events.close()
         inputs = [p for pair in pairs for p in pair]
     elif args.images and args.masks and args.queries:
         samples = samples_from_2d(args.images, args.masks, args.queries)

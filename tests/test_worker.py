@@ -49,7 +49,7 @@ def test_parse_message_and_check_ground(tmp_path):
                         ({"queries": ["ok", "  "]}, "query is empty"), ({"queries": []}, "non-empty list"),
                         ({"options": {"strategy": "magic"}}, "unknown strategy"),
                         ({"options": {"colour": 1}}, "unknown run option"), ({"out_dir": None}, "out_dir"),
-                        ({"options": {"n_candidates": "five"}}, "bad run option"),
+                        ({"options": {"n_candidates": "five"}}, "n_candidates must be a whole number"),
                         ({"extra": 1}, "unknown request field")]:
         with pytest.raises(InputError, match=why):
             check_ground({**good, **change})
@@ -295,23 +295,16 @@ def test_shutdown_exits_zero(worker):
 
 
 @pytest.mark.slow
-def test_bad_model_options_print_fatal_and_exit_2():
-    w = WorkerProcess("--asm", "no-such-asm")
+@pytest.mark.parametrize("args,code,named", [
+    (("--asm", "no-such-asm"), 2, "no-such-asm"),  # bad model options
+    (("--crm-backend", "transformers", "--crm", "{tmp}/no_crm"), 3, "no_crm"),  # a model that cannot load
+])
+def test_startup_failure_prints_fatal_and_exits(tmp_path, args, code, named):
+    w = WorkerProcess(*(a.format(tmp=tmp_path) for a in args))
     try:
         fatal = w.next(timeout=120)
-        assert fatal["type"] == "fatal" and fatal["exit_code"] == 2 and "no-such-asm" in fatal["message"]
-        assert w.proc.wait(30) == 2
-    finally:
-        w.close()
-
-
-@pytest.mark.slow
-def test_model_load_failure_prints_fatal_and_exits_3(tmp_path):
-    w = WorkerProcess("--crm-backend", "transformers", "--crm", str(tmp_path / "no_crm"))
-    try:
-        fatal = w.next(timeout=120)
-        assert fatal["type"] == "fatal" and fatal["exit_code"] == 3 and "no_crm" in fatal["message"]
-        assert w.proc.wait(30) == 3
+        assert fatal["type"] == "fatal" and fatal["exit_code"] == code and named in fatal["message"]
+        assert w.proc.wait(30) == code
     finally:
         w.close()
 

@@ -56,6 +56,9 @@ class Events:
         if self.cancelled():
             raise CancelledError(f"cancelled during {where}")
 
+    def close(self) -> None:
+        """Release what the channel holds (bars, files) once the job is over."""
+
 
 class CancelToken:
     """A thread-safe stop flag (``set()`` from a signal handler, a GUI or a server thread)."""

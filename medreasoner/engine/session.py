@@ -68,7 +68,11 @@ class RunOptions:
         if str(self.axis).strip().lower() not in AXES:
             raise InputError(f"unknown axis {self.axis!r}; choose one of {', '.join(AXES)}")
         self.axis = str(self.axis).strip().lower()
-        if isinstance(self.n_candidates, bool) or not 1 <= int(self.n_candidates) <= strat.MAX_CANDIDATES:
+        try:  # request messages and form fields may carry it as a string
+            self.n_candidates = int(self.n_candidates)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"n_candidates must be a whole number, got {self.n_candidates!r}") from exc
+        if isinstance(self.n_candidates, bool) or not 1 <= self.n_candidates <= strat.MAX_CANDIDATES:
             raise InputError(f"n_candidates must be between 1 and {strat.MAX_CANDIDATES}")
         if self.key_slice is not None:
             try:
@@ -83,16 +87,10 @@ class RunOptions:
             self.window = None
         return self
 
-    def replace(self, **changes: Any) -> RunOptions:
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunOptions:
-        unknown = sorted(set(values) - set(cls.fields()))
+        """Options from a dict (request messages); unknown keys are an error."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise InputError(f"unknown run option(s): {', '.join(unknown)}")
         return cls(**values).checked()

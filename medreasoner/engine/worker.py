@@ -94,12 +94,7 @@ def check_ground(msg: dict[str, Any]) -> GroundRequest:
     options = msg.get("options") or {}
     if not isinstance(options, dict):
         raise InputError("'options' must be an object of run options")
-    try:
-        run_options = RunOptions.from_mapping(options)
-    except InputError:
-        raise
-    except (TypeError, ValueError) as exc:  # e.g. n_candidates "five" reaching int()
-        raise InputError(f"bad run option: {one_line(exc)}") from exc
+    run_options = RunOptions.from_mapping(options)
     out_dir = msg.get("out_dir")
     if not isinstance(out_dir, str) or not out_dir.strip():
         raise InputError("'out_dir' must be the folder to write results into")

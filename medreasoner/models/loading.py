@@ -6,7 +6,6 @@ Label app all call :func:`load_models` with a :class:`ModelOptions`; nothing els
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,20 +66,6 @@ class ModelOptions:
             raise InputError(f"unknown device {dev!r}; use auto, cpu, cuda or cuda:N")
         return self
 
-    def replace(self, **changes: Any) -> ModelOptions:
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> ModelOptions:
-        """Options from a dict (config files, request params); unknown keys are an error."""
-        unknown = sorted(set(values) - set(cls.fields()))
-        if unknown:
-            raise InputError(f"unknown model option(s): {', '.join(unknown)}")
-        return cls(**values)
 
 
 @dataclass

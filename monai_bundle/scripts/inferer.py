@@ -14,12 +14,14 @@ from typing import Any
 from monai.engines.utils import PrepareBatch
 from monai.inferers import Inferer
 
+from medreasoner.engine.events import Events
+
 from .transforms import CaseFailure
 
 logger = logging.getLogger("medreasoner.bundle")
 
 
-class LogEvents:
+class LogEvents(Events):
     """The core's progress events to the bundle's logger (MONAI's logging.conf decides where they go)."""
 
     def __init__(self, enabled: bool = True):
@@ -33,12 +35,6 @@ class LogEvents:
 
     def log(self, message: str, level: str = "info") -> None:
         logger.log(logging.getLevelName(level.upper()), message)
-
-    def cancelled(self) -> bool:
-        return False
-
-    def check_cancelled(self, where: str) -> None:
-        pass
 
 
 class GroundingInferer(Inferer):

@@ -57,10 +57,7 @@ def run_options(params: dict[str, Any]) -> RunOptions:
     values["slice_range"] = _auto(params.get("slice_range"))
     n = _auto(params.get("n_candidates"))
     if n is not None:
-        try:
-            values["n_candidates"] = int(n)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"n_candidates must be a whole number, got {n!r}") from exc
+        values["n_candidates"] = n  # checked() turns it into a whole number or refuses it
     keep = _auto(params.get("keep_largest"))
     if keep is not None:
         values["keep_largest"] = str(keep).strip().lower() not in ("0", "false", "no", "off")
