@@ -562,3 +562,15 @@ def test_unknown_axis_and_folder_without_dicom(tmp_path):
     (tmp_path / "empty_dir" / "readme.txt").write_text("no images here")
     with pytest.raises(InputError, match="no DICOM series"):
         read_volume(tmp_path / "empty_dir")
+
+
+@pytest.mark.parametrize("dname", list(DIRECTIONS))
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_slice_at_inverts_physical_point(dname, axis):
+    """A viewer's slice given as a physical point maps back to the same display slice (any grid)."""
+    stack = display_stack(_blob_volume(DIRECTIONS[dname]), axis)
+    rows, cols = stack.slice_shape
+    for s in (0, len(stack) // 3, len(stack) - 1):
+        assert stack.slice_at(stack.physical_point(s, rows / 2, cols / 3)) == s
+    with pytest.raises(InputError, match="outside"):
+        stack.slice_at((500.0, 500.0, 500.0))

@@ -54,6 +54,7 @@ class RunOptions:
     axis: str = "axial"  # axial | coronal | sagittal
     slice_range: Any = None  # "start:stop" (stop exclusive) or None for all
     key_slice: int | None = None  # keyslice: ask the CRM about this display slice only
+    key_point: Any = None  # keyslice: (x, y, z) LPS mm; the slice holding it is the key slice (viewers)
     n_candidates: int = 5  # keyslice: candidate slices the CRM reads
     keep_largest: bool = True  # keep the largest 3D connected component
 
@@ -81,6 +82,16 @@ class RunOptions:
                 raise InputError(f"key slice must be a slice number, got {self.key_slice!r}") from exc
             if self.key_slice < 0:
                 raise InputError(f"key slice must be 0 or more, got {self.key_slice}")
+        if self.key_point is not None:
+            if self.key_slice is not None:
+                raise InputError("give a key slice or a key point, not both")
+            try:
+                point = [float(v) for v in self.key_point]
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"key point must be three numbers (LPS mm), got {self.key_point!r}") from exc
+            if len(point) != 3 or not all(np.isfinite(point)):
+                raise InputError(f"key point must be three finite numbers (LPS mm), got {self.key_point!r}")
+            self.key_point = point
         if self.window is not None and self.window != "":
             parse_window(self.window)
         else:
@@ -317,6 +328,8 @@ class Session:
         prepared = self._prepare(volume, run)
         vol = prepared.volume
         stack = prepared.stack(options.axis)
+        if options.key_point is not None:  # a viewer's slice, as a point: the same slice in our display order
+            options = dataclasses.replace(options, key_slice=stack.slice_at(options.key_point), key_point=None)
         n = len(stack)
         lo_i, hi_i = slice_bounds(n, options)
         key_slice = options.key_slice

@@ -147,6 +147,17 @@ class DisplayStack:
             index[axis] = self._size[axis] - 1 - v if self._flips[d] else v
         return tuple(self.volume.image.TransformContinuousIndexToPhysicalPoint(index))
 
+    def slice_at(self, point_lps) -> int:
+        """The display slice holding an LPS point (millimetres), e.g. the slice a viewer shows."""
+        index = self.volume.image.TransformPhysicalPointToContinuousIndex([float(v) for v in point_lps])
+        axis = self._voxel_axes[0]
+        i = int(round(index[axis]))
+        i = self._size[axis] - 1 - i if self._flips[0] else i
+        if not 0 <= i < len(self):
+            raise InputError(f"the point {tuple(round(float(v), 2) for v in point_lps)} (LPS mm) lies outside the "
+                             f"volume's {len(self)} {self.axis} slices")
+        return i
+
     @property
     def volume_axis(self) -> int:
         """Which voxel axis of the original grid (0=i/x, 1=j/y, 2=k/z in SimpleITK order) this stack slices."""

@@ -55,6 +55,7 @@ def run_options(params: dict[str, Any]) -> RunOptions:
     values["window"] = _auto(params.get("window"))
     values["key_slice"] = _auto(params.get("key_slice"))
     values["slice_range"] = _auto(params.get("slice_range"))
+    values["key_point"] = _key_point(params.get("key_point"))
     n = _auto(params.get("n_candidates"))
     if n is not None:
         values["n_candidates"] = n  # checked() turns it into a whole number or refuses it
@@ -62,6 +63,15 @@ def run_options(params: dict[str, Any]) -> RunOptions:
     if keep is not None:
         values["keep_largest"] = str(keep).strip().lower() not in ("0", "false", "no", "off")
     return RunOptions(**values).checked()
+
+
+def _key_point(value: Any) -> Any:
+    """A viewer's slice as an LPS point: "x,y,z" (form fields are strings) or a list of three numbers."""
+    if isinstance(value, str):
+        if value.strip().lower() in AUTO:
+            return None
+        return [p for p in value.replace(";", ",").split(",") if p.strip()]  # checked() parses the numbers
+    return value
 
 
 def label_format(params: dict[str, Any], image: str, is_2d: bool) -> tuple[str, str]:
