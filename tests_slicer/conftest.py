@@ -18,8 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "MedReasonerSlicer"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tools"))
 
-import headless  # noqa: E402
+import slicer_headless as headless  # noqa: E402
 
 STATE = headless.init()
 MAIN_PYTHON = os.environ.get("MEDREASONER_PYTHON", str(ROOT / ".venv" / "bin" / "python"))

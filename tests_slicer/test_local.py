@@ -17,12 +17,12 @@ import pytest
 import slicer
 import vtk
 from conftest import DOUBLE, LEFT_HANDED, MAIN_PYTHON, WORKER_ENV, blob_volume, oblique_direction
-from headless import scene_snapshot
 from MedReasonerLib import markups
 from MedReasonerLib.errors import MedReasonerSlicerError
 from MedReasonerLib.logic import MedReasonerLogic
 from MedReasonerLib.parameters import RunSettings
 from MedReasonerLib.scene import TERMINOLOGY_TAG, get_tag, segment_reasoning
+from slicer_headless import scene_snapshot
 
 pytestmark = pytest.mark.needs_worker
 

@@ -1,27 +1,19 @@
 """Slicer's own slice view rendered offscreen (slicer-core wheel): background volume, a segment, an ROI and
 key points land where their RAS coordinates say, mapped with ras_to_png_pixel.
 
-Run: /tmp/probe-slicer/bin/python -m pytest tests_slicer/test_snapshot_render.py
+The headless scene comes from conftest.py (tools/slicer_headless.py).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "MedReasonerSlicer")]
-pytest.importorskip("slicer")
-import render_fixture_scene  # noqa: E402
-from PIL import Image  # noqa: E402
-
-render_fixture_scene.init()
-import slicer  # noqa: E402
-import vtk  # noqa: E402
-from MedReasonerLib.snapshot import ras_to_png_pixel, render_slice_view  # noqa: E402
+import slicer
+import vtk
+from MedReasonerLib.snapshot import ras_to_png_pixel, render_slice_view
+from PIL import Image
 
 SHAPE_KJI = (30, 120, 140)
 BLOCK = {"i": (40, 62), "j": (50, 68), "k": (11, 19)}  # half-open voxel ranges of the red segment
@@ -64,12 +56,37 @@ def inside(poly: np.ndarray, pts: np.ndarray, tol: float) -> np.ndarray:
     return ok
 
 
+def tilted_direction() -> np.ndarray:
+    """LPS direction cosines of a volume rotated 15 deg about S (plus a small tilt), like a gantry-tilted scan."""
+    c, s = np.cos(np.radians(15)), np.sin(np.radians(15))
+    rz = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    t = np.radians(4)
+    rx = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    return rz @ rx
+
+
+def write_volume(path: str, shape_kji=(30, 120, 140), spacing=(1.1, 1.1, 2.5)) -> None:
+    """A CT-like phantom (air, body ellipse, bright organ) written by SimpleITK as NRRD (LPS on disk)."""
+    import SimpleITK as sitk
+
+    nk, nj, ni = shape_kji
+    k, j, i = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
+    vox = np.full(shape_kji, -1000, np.int16)
+    vox[((i - ni / 2) / (ni * 0.45)) ** 2 + ((j - nj / 2) / (nj * 0.42)) ** 2 < 1] = 40
+    vox[((i - ni * 0.62) / 14) ** 2 + ((j - nj * 0.5) / 11) ** 2 + ((k - nk / 2) / 6) ** 2 < 1] = 250
+    img = sitk.GetImageFromArray(vox)
+    img.SetSpacing(spacing)
+    img.SetDirection(tilted_direction().ravel().tolist())
+    img.SetOrigin((60.0, 40.0, -30.0))
+    sitk.WriteImage(img, path, True)
+
+
 @pytest.fixture(scope="module")
 def view_scene(tmp_path_factory):
     """An oblique volume with a red block segment, an ROI around the block and two key points on its slice."""
     d = tmp_path_factory.mktemp("snapshot")
     path = str(d / "oblique.nrrd")
-    render_fixture_scene.write_volume(path, SHAPE_KJI)
+    write_volume(path, SHAPE_KJI)
     vol = slicer.modules.volumes.logic().AddArchetypeVolume(path, "oblique", 0)
     assert vol is not None
     vol.GetDisplayNode().SetAutoWindowLevel(False)

@@ -1,8 +1,9 @@
 """Segment names, colours and DICOM terminology entries from the questions asked.
 
 A question that names a known structure ("... the left kidney ...") gets that structure's SNOMED CT
-terminology entry (Slicer's serialised format) and its usual colour; any other question gets the
-next colour of a palette that keeps neighbouring segments apart.
+terminology entry (Slicer's serialised format). Colours come from a palette of saturated colours
+that stay visible on greyscale images (anatomy colours such as the brain's near-white do not) and
+keep the segments of one segmentation apart.
 """
 
 from __future__ import annotations
@@ -19,22 +20,22 @@ ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
 ALTERED_STRUCTURE = ("SCT", "49755003", "Morphologically Altered Structure")
 LEFT, RIGHT = ("SCT", "7771000", "Left"), ("SCT", "24028007", "Right")
 
-# (words that name it, SNOMED CT code, meaning, category, colour 0-1)
+# (words that name it, SNOMED CT code, meaning, category)
 STRUCTURES = [
-    (("liver", "hepatic"), "10200004", "Liver", ANATOMICAL_STRUCTURE, (0.87, 0.51, 0.39)),
-    (("spleen", "splenic"), "78961009", "Spleen", ANATOMICAL_STRUCTURE, (0.62, 0.41, 0.64)),
-    (("kidney", "renal"), "64033007", "Kidney", ANATOMICAL_STRUCTURE, (0.73, 0.41, 0.34)),
-    (("pancreas", "pancreatic"), "15776009", "Pancreas", ANATOMICAL_STRUCTURE, (0.98, 0.82, 0.42)),
-    (("gallbladder", "gall bladder"), "28231008", "Gallbladder", ANATOMICAL_STRUCTURE, (0.55, 0.76, 0.36)),
-    (("stomach", "gastric"), "69695003", "Stomach", ANATOMICAL_STRUCTURE, (0.85, 0.73, 0.60)),
-    (("lung", "pulmonary"), "39607008", "Lung", ANATOMICAL_STRUCTURE, (0.77, 0.68, 0.71)),
-    (("heart", "cardiac", "ventricle"), "80891009", "Heart", ANATOMICAL_STRUCTURE, (0.81, 0.27, 0.33)),
-    (("aorta", "aortic"), "15825003", "Aorta", ANATOMICAL_STRUCTURE, (0.88, 0.38, 0.38)),
-    (("bladder",), "89837001", "Urinary bladder", ANATOMICAL_STRUCTURE, (0.85, 0.73, 0.40)),
-    (("prostate",), "41216001", "Prostate", ANATOMICAL_STRUCTURE, (0.90, 0.72, 0.52)),
-    (("brain", "cerebral", "cerebrum"), "12738006", "Brain", ANATOMICAL_STRUCTURE, (0.98, 0.98, 0.88)),
+    (("liver", "hepatic"), "10200004", "Liver", ANATOMICAL_STRUCTURE),
+    (("spleen", "splenic"), "78961009", "Spleen", ANATOMICAL_STRUCTURE),
+    (("kidney", "renal"), "64033007", "Kidney", ANATOMICAL_STRUCTURE),
+    (("pancreas", "pancreatic"), "15776009", "Pancreas", ANATOMICAL_STRUCTURE),
+    (("gallbladder", "gall bladder"), "28231008", "Gallbladder", ANATOMICAL_STRUCTURE),
+    (("stomach", "gastric"), "69695003", "Stomach", ANATOMICAL_STRUCTURE),
+    (("lung", "pulmonary"), "39607008", "Lung", ANATOMICAL_STRUCTURE),
+    (("heart", "cardiac", "ventricle"), "80891009", "Heart", ANATOMICAL_STRUCTURE),
+    (("aorta", "aortic"), "15825003", "Aorta", ANATOMICAL_STRUCTURE),
+    (("bladder",), "89837001", "Urinary bladder", ANATOMICAL_STRUCTURE),
+    (("prostate",), "41216001", "Prostate", ANATOMICAL_STRUCTURE),
+    (("brain", "cerebral", "cerebrum"), "12738006", "Brain", ANATOMICAL_STRUCTURE),
     (("tumour", "tumor", "neoplasm", "mass", "cancer", "lesion", "nodule"), "108369006", "Neoplasm",
-     ALTERED_STRUCTURE, (0.56, 0.93, 0.56)),
+     ALTERED_STRUCTURE),
 ]
 
 # Colours far apart for questions that name no known structure (in order; then repeated).
@@ -59,9 +60,9 @@ def _words(text: str) -> str:
 
 
 def known_structure(question: str):
-    """(code, meaning, category, colour, modifier) of the first structure the question names, or None."""
+    """(code, meaning, category, modifier) of the first structure the question names, or None."""
     words = _words(question)
-    for names, code, meaning, category, colour in STRUCTURES:
+    for names, code, meaning, category in STRUCTURES:
         for name in names:
             at = words.find(f" {name} ")
             if at < 0 and f" {name}s " in words:  # plural ("kidneys")
@@ -69,7 +70,7 @@ def known_structure(question: str):
             if at >= 0:
                 before = words[max(0, at - 8): at + 1]
                 modifier = LEFT if " left " in before else RIGHT if " right " in before else None
-                return code, meaning, category, colour, modifier
+                return code, meaning, category, modifier
     return None
 
 
@@ -86,16 +87,14 @@ def segment_name(question: str, taken: list[str]) -> str:
 def style_for(question: str, index: int, taken_names: list[str], taken_colours: list[Colour]) -> SegmentStyle:
     """Name, colour and terminology of the segment answering ``question`` (the ``index``-th new one)."""
     name = segment_name(question, taken_names)
+    colour = _distinct(taken_colours, index)
     found = known_structure(question)
-    if found is not None:
-        code, meaning, category, colour, modifier = found
-        modifier_text = _code(modifier) if modifier else "^^"
-        entry = "~".join([CONTEXT, _code(category), _code(("SCT", code, meaning)), modifier_text,
-                          ANATOMY_CONTEXT, "^^", "^^"])
-        if colour in taken_colours:  # two questions about the same organ must still look different
-            colour = _distinct(taken_colours, index)
-        return SegmentStyle(name, colour, entry, meaning)
-    return SegmentStyle(name, _distinct(taken_colours, index), None, None)
+    if found is None:
+        return SegmentStyle(name, colour, None, None)
+    code, meaning, category, modifier = found
+    entry = "~".join([CONTEXT, _code(category), _code(("SCT", code, meaning)), _code(modifier) if modifier else "^^",
+                      ANATOMY_CONTEXT, "^^", "^^"])
+    return SegmentStyle(name, colour, entry, meaning)
 
 
 def _distinct(taken: list[Colour], index: int) -> Colour:
