@@ -93,3 +93,23 @@ def test_protected_constraints_pin_slicers_numpy_and_simpleitk():
         text = f.read()
     assert f"numpy=={metadata.version('numpy')}" in text and f"SimpleITK=={metadata.version('SimpleITK')}" in text
     assert install.package_spec().endswith("[crm,litemedsam]")
+
+
+def test_exported_volumes_are_reused_and_evicted_without_clashes(tmp_path, scene):
+    """One NRRD per volume content (the worker's caches key on the file); old ones leave, none is reused."""
+    import numpy as np
+    from MedReasonerLib.logic import MAX_EXPORTS, MedReasonerLogic
+
+    logic = MedReasonerLogic(temp_root=str(tmp_path))
+    try:
+        nodes = [slicer.util.addVolumeFromArray(np.full((3, 4, 5), i, np.int16), name=f"v{i}")
+                 for i in range(MAX_EXPORTS + 2)]
+        paths = [logic.export_volume(n) for n in nodes]
+        assert len(set(paths)) == len(paths)
+        assert logic.export_volume(nodes[-1]) == paths[-1]  # same content: the same file
+        kept = [p for p in paths if __import__("os").path.exists(p)]
+        assert kept == paths[-MAX_EXPORTS:]
+        slicer.util.updateVolumeFromArray(nodes[-1], np.zeros((3, 4, 5), np.int16))  # new content: new file
+        assert logic.export_volume(nodes[-1]) not in paths
+    finally:
+        logic.shutdown()

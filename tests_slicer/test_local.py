@@ -278,3 +278,39 @@ def test_a_missing_model_is_a_clear_error(tmp_path, volumes, scene):
         assert err.value.kind == "model" and scene_snapshot(scene) == before
     finally:
         lg.shutdown()
+
+
+def test_real_tiny_qwen_crm_through_the_worker_says_it_is_a_test_model(tmp_path, volumes, scene):
+    """The real architecture (a tiny random Qwen2.5-VL, built offline) behind the same local path."""
+    import subprocess
+
+    subprocess.run([MAIN_PYTHON, "-m", "medreasoner", "make-tiny", str(tmp_path / "models"), "--no-sam2"],
+                   check=True, capture_output=True, env={**os.environ, **WORKER_ENV}, timeout=600)
+    lg = MedReasonerLogic(worker_python=MAIN_PYTHON, worker_env=WORKER_ENV, temp_root=str(tmp_path))
+    try:
+        vol = slicer.util.loadVolume(str(volumes["oblique"]))
+        events = []
+        job = lg.start(vol, "Which organ is enlarged?", RunSettings(
+            crm=str(tmp_path / "models" / "crm"), device="cpu", extra_worker_args="--max-new-tokens 160", **NARROW))
+        outcome = job.wait(600, on_event=events.append)
+    finally:
+        lg.shutdown()
+    assert lg.worker is None
+    [item] = outcome.segments
+    assert item.status in ("ok", "no_target") and item.record["crm"]["tiny_test_model"] is True
+    assert any("TINY TEST MODEL" in e.message for e in events if e.kind == "warning")
+    if item.status == "ok":
+        seg = scene.GetNodeByID(outcome.segmentation_node_id).GetSegmentation()
+        assert seg.GetSegment(item.segment_id).GetName() == "Which organ is enlarged?"
+
+
+def test_jump_to_key_slice_moves_the_slice_views(logic, volumes, scene):
+    vol = slicer.util.loadVolume(str(volumes["oblique"]))
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    red.SetLayoutName("Red")
+    red.SetOrientation("Axial")
+    outcome = logic.start(vol, QUESTION, settings()).wait(300)
+    item = outcome.segments[0]
+    assert logic.jump_to_key_slice(item)
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())
+    np.testing.assert_allclose(slice_to_ras[:3, 3], item.key_slice_ras, atol=1e-3)  # centred on the box

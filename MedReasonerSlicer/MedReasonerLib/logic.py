@@ -7,6 +7,7 @@ about the same volume reuses the worker's caches.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ import numpy as np
 
 from MedReasonerLib.errors import MedReasonerSlicerError
 from MedReasonerLib.jobs import Job, LocalJob, RemoteJob
-from MedReasonerLib.markups import LPS_TO_RAS
+from MedReasonerLib.markups import LPS_TO_RAS, to_local, to_world
 from MedReasonerLib.parameters import RunSettings, parse_questions
 from MedReasonerLib.remote_client import RemoteClient
 from MedReasonerLib.scene import AppliedSegment, remove_applied
@@ -33,6 +34,7 @@ class MedReasonerLogic:
         self.temp_root = tempfile.mkdtemp(prefix="MedReasoner-", dir=temp_root)
         self.worker: WorkerClient | None = None
         self._exports: dict[tuple, str] = {}
+        self._export_ids = itertools.count(1)
         self.job: Job | None = None
 
     @property
@@ -46,7 +48,9 @@ class MedReasonerLogic:
     # -- running ---------------------------------------------------------------------------------
     def start(self, volume_node, questions: str | Sequence[str], settings: RunSettings,
               segmentation_node=None, key_point_ras: Sequence[float] | None = None) -> Job:
-        """Check everything, then start the run; raises ``MedReasonerSlicerError`` with a one-line reason."""
+        """Check everything, then start the run; raises ``MedReasonerSlicerError`` with a one-line reason.
+
+        ``key_point_ras``: a point on the slice the user looks at, in world RAS (as the views show it)."""
         if self.job is not None and not self.job.finished:
             raise MedReasonerSlicerError("a run is in progress; wait for it or cancel it")
         self.check_volume(volume_node)
@@ -54,7 +58,9 @@ class MedReasonerLogic:
         settings = settings.checked()
         if segmentation_node is not None and not segmentation_node.IsA("vtkMRMLSegmentationNode"):
             raise MedReasonerSlicerError("the output must be a segmentation node")
-        key_point_lps = None if key_point_ras is None else list(np.asarray(key_point_ras, float)[:3] * LPS_TO_RAS)
+        key_point_lps = None
+        if key_point_ras is not None:  # the worker sees the volume's own coordinates
+            key_point_lps = list(np.asarray(to_local(volume_node, key_point_ras), float) * LPS_TO_RAS)
         options = settings.run_options(key_point_lps)
         input_path = self.export_volume(volume_node)
         out_dir = tempfile.mkdtemp(prefix="run-", dir=self.temp_root)
@@ -91,7 +97,7 @@ class MedReasonerLogic:
         path = self._exports.get(key)
         if path and os.path.exists(path):
             return path
-        path = os.path.join(self.temp_root, f"volume-{len(self._exports) + 1}.nrrd")
+        path = os.path.join(self.temp_root, f"volume-{next(self._export_ids)}.nrrd")  # never a name still in use
         storage = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not in the scene: the node keeps its own file
         storage.SetFileName(path)
         storage.SetUseCompression(0)
@@ -124,15 +130,28 @@ class MedReasonerLogic:
         remove_applied(self.scene, segmentation_node, item)
 
     @staticmethod
-    def jump_to_key_slice(item: AppliedSegment) -> bool:
-        """Move the slice views to the answer's key slice (centred on its box); False if it has none."""
+    def jump_to_key_slice(item: AppliedSegment, segmentation_node=None) -> bool:
+        """Move the slice views to the answer's key slice (centred on its box); False if it has none.
+
+        The answer's points are in the volume's own RAS; the segmentation sits under the volume's
+        transform, so its transform takes them to the world the views show."""
         if item.key_slice_ras is None:
             return False
         import slicer
 
-        x, y, z = item.key_slice_ras
+        x, y, z = to_world(segmentation_node, item.key_slice_ras)
         slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
         return True
+
+    def reset(self) -> None:
+        """Forget the scene (it is closing): cancel the run, drop exported volumes; the worker stays warm."""
+        if self.job is not None and not self.job.finished:
+            self.job.cancel()
+        self.job = None
+        for path in self._exports.values():
+            if os.path.exists(path):
+                os.remove(path)
+        self._exports.clear()
 
     def shutdown(self) -> None:
         """Stop the worker and remove the temporary files (module cleanup, scene close)."""

@@ -92,3 +92,24 @@ def key_slice_centre_ras(record) -> np.ndarray | None:
         return (lps_to_ras(corners[0]) + lps_to_ras(corners[1])) / 2.0
     points = record.get("points_lps")
     return lps_to_ras(points[0]) if points else None
+
+
+def _transformed(node, ras, to_world: bool) -> list[float]:
+    """A point between a node's own RAS and world RAS (what the views show), through its parent transform."""
+    import vtk
+
+    point = [float(v) for v in list(ras)[:3]]
+    parent = node.GetParentTransformNode() if node is not None else None
+    if parent is None:
+        return point
+    transform = vtk.vtkGeneralTransform()
+    (parent.GetTransformToWorld if to_world else parent.GetTransformFromWorld)(transform)
+    return [float(v) for v in transform.TransformPoint(point)]
+
+
+def to_world(node, ras) -> list[float]:
+    return _transformed(node, ras, True)
+
+
+def to_local(node, ras) -> list[float]:
+    return _transformed(node, ras, False)

@@ -20,6 +20,7 @@ TAG_REASONING = "MedReasoner.Reasoning"
 TAG_RECORD = "MedReasoner.Record"
 TAG_KEY_SLICE = "MedReasoner.KeySliceRAS"
 TAG_NODES = "MedReasoner.MarkupsNodeIDs"
+MARKUP_NAME_CHARS = 28  # markup names are drawn in the views: keep them short
 TERMINOLOGY_TAG = "TerminologyEntry"  # vtkSegment::GetTerminologyEntryTagName()
 
 
@@ -171,14 +172,15 @@ def _apply(scene, volume_node, results, segmentation_node, edit: SceneEdit) -> O
         taken_names.append(style.name)
         taken_colours.append(style.colour)
         nodes = []
+        short = style.name if len(style.name) <= MARKUP_NAME_CHARS else style.name[: MARKUP_NAME_CHARS - 1] + "…"
         if rec.get("box_corners_lps"):
-            roi = edit.add_node(markups.add_box(scene, volume_node, rec["box_corners_lps"], f"{style.name} box",
+            roi = edit.add_node(markups.add_box(scene, volume_node, rec["box_corners_lps"], f"{short} box",
                                                 style.colour))
             roi.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
             item.roi_node_id = roi.GetID()
             nodes.append(roi.GetID())
         if rec.get("points_lps"):
-            fid = edit.add_node(markups.add_points(scene, rec["points_lps"], f"{style.name} points", style.colour))
+            fid = edit.add_node(markups.add_points(scene, rec["points_lps"], f"{short} points", style.colour))
             fid.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
             item.points_node_id = fid.GetID()
             nodes.append(fid.GetID())
@@ -194,6 +196,34 @@ def remove_applied(scene, segmentation_node, item: AppliedSegment) -> None:
         node = scene.GetNodeByID(node_id) if node_id else None
         if node is not None:
             scene.RemoveNode(node)
+
+
+def applied_segments(scene, segmentation_node) -> list[AppliedSegment]:
+    """The answers kept on a segmentation's segments (e.g. from a saved scene), rebuilt from their tags."""
+    out: list[AppliedSegment] = []
+    segmentation = segmentation_node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        seg_id = segmentation.GetNthSegmentID(index)
+        info = segment_reasoning(segmentation_node, seg_id)
+        if "question" not in info:
+            continue  # not one of ours
+        record = info.get("record") if isinstance(info.get("record"), dict) else {}
+        item = AppliedSegment(info["question"], str(record.get("status") or "ok"), str(record.get("message") or ""),
+                              str(info.get("reasoning") or ""), [str(w) for w in record.get("warnings") or []],
+                              seg_id, segmentation.GetSegment(seg_id).GetName(), record=record,
+                              key_slice_ras=info.get("key_slice_ras"))
+        try:
+            node_ids = json.loads(get_tag(segmentation.GetSegment(seg_id), TAG_NODES) or "[]")
+        except ValueError:
+            node_ids = []
+        for node_id in node_ids:
+            node = scene.GetNodeByID(str(node_id))
+            if node is not None and node.IsA("vtkMRMLMarkupsROINode"):
+                item.roi_node_id = node.GetID()
+            elif node is not None and node.IsA("vtkMRMLMarkupsFiducialNode"):
+                item.points_node_id = node.GetID()
+        out.append(item)
+    return out
 
 
 def segment_reasoning(segmentation_node, segment_id: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import queue
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,10 @@ def worker_command(settings, python: str | None = None, env: dict[str, str] | No
         args += ["--crm", settings.crm]
     if settings.crm_backend and settings.crm_backend != "transformers":
         args += ["--crm-backend", settings.crm_backend]
-    args += str(settings.extra_worker_args or "").split()
+    try:  # quoted paths with spaces stay one argument
+        args += shlex.split(str(settings.extra_worker_args or ""), posix=os.name == "posix")
+    except ValueError as exc:
+        raise MedReasonerSlicerError(f"extra worker arguments: {exc}") from exc
     return WorkerCommand(python or settings.python_path or default_python(), tuple(args),
                          tuple(sorted((env or {}).items())))
 
