@@ -637,6 +637,9 @@ class MedReasonerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # the next questions about this volume go into the same segmentation
             self.ui.outputSegmentationSelector.setCurrentNode(slicer.mrmlScene.GetNodeByID(outcome.segmentation_node_id))
         self._refreshAnswers(select=first)
+        if outcome.no_target:  # nothing was added for these: say so where the user looks
+            slicer.util.warningDisplay(_("No target found for:") + "\n" + "\n".join(
+                f"- {item.question}: {item.message or _('the model found none')}" for item in outcome.no_target))
         segmentationNode = slicer.mrmlScene.GetNodeByID(outcome.segmentation_node_id or "")
         for item in outcome.segments:
             if item.status == "ok" and item.key_slice_ras is not None:

@@ -30,7 +30,7 @@ ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "
 
 def prepare(volume: str | None) -> tuple[str, str]:
     crm = ROOT / "demo_out" / "models" / "crm"
-    if not (crm / "medreasoner_crm.json").exists():
+    if not (crm / "config.json").exists():  # built by make-tiny (as make demo does)
         subprocess.run([PY, "-m", "medreasoner", "make-tiny", str(crm.parent), "--no-sam2"], check=True)
     if volume is None:
         volume = str(ROOT / "demo_out" / "mni152_t1_2mm.nii.gz")

@@ -74,3 +74,27 @@ def test_unknown_components_raise_a_project_error():
         assert isinstance(exc.value, InputError) and not isinstance(exc.value, KeyError)
     with pytest.raises(InputError, match="batch_size"):
         ModelOptions(batch_size=0).checked()
+
+
+def test_slicer_module_choices_match_the_core():
+    """The Slicer module cannot import the core (it may run in a Python without it), so it lists the
+    choices itself; they must stay the core's."""
+    import sys
+
+    from medreasoner.engine.session import PROMPTS
+    from medreasoner.engine.strategies import STRATEGIES
+    from medreasoner.imaging.display import AXES
+    from medreasoner.imaging.intensity import WINDOW_PRESETS
+    from medreasoner.models.registry import ASMS
+
+    sys.path.insert(0, str(PACKAGE.parent / "MedReasonerSlicer"))
+    try:
+        from MedReasonerLib import parameters
+    finally:
+        sys.path.pop(0)
+    assert tuple(parameters.STRATEGIES) == tuple(STRATEGIES) and tuple(parameters.AXES) == tuple(AXES)
+    assert tuple(parameters.PROMPTS) == tuple(PROMPTS)
+    assert set(parameters.WINDOW_PRESETS) == set(WINDOW_PRESETS)
+    import medreasoner.models.asm  # noqa: F401 - registers the built-in ASMs
+
+    assert set(parameters.ASMS) <= set(ASMS.names())
