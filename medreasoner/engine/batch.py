@@ -15,6 +15,7 @@ from typing import Any
 
 from medreasoner.constants import Status, exit_code_for
 from medreasoner.engine.events import NO_EVENTS, Events, Stage
+from medreasoner.engine.output_sets import check_output_root, check_replaceable
 from medreasoner.engine.session import RunOptions, Session, check_query, is_volume_input
 from medreasoner.engine.writer import StemAllocator, write_result
 from medreasoner.errors import InputError
@@ -54,13 +55,28 @@ def _is_volume(source: Any) -> bool:
 
 
 def run_cases(session: Session, cases: Sequence[Case], out_dir: str | Path, options: RunOptions | None = None,
-              events: Events | None = None) -> list[CaseSummary]:
-    """Ground and write every case; one summary per case, in order."""
+              events: Events | None = None, overwrite: bool = False) -> list[CaseSummary]:
+    """Ground and write every case; one summary per case, in order.
+
+    Before any model runs: the output folder must not lie in an input folder, and no case folder may
+    be one this tool did not write for that input (unless ``overwrite``)."""
     options = (options or RunOptions()).checked()
     events = events or NO_EVENTS
     out = Path(out_dir)
-    stems = StemAllocator()
-    dirs = [out / stems.take(c.source) for c in cases]
+    check_output_root(out, [Path(p) for p in map(_source_path, (c.source for c in cases)) if p and Path(p).is_dir()])
+    stems = StemAllocator(root=out)  # names no other input's results and no other live run holds
+    try:
+        dirs = [out / stems.take(c.source) for c in cases]
+        for case, case_dir in zip(cases, dirs):
+            src = _source_path(case.source)
+            check_replaceable(case_dir, src, [Path(src)] if src else [], overwrite)
+        return _run(session, cases, out, dirs, options, events, overwrite)
+    finally:
+        stems.release()
+
+
+def _run(session: Session, cases: Sequence[Case], out: Path, dirs: list[Path], options: RunOptions,
+         events: Events, overwrite: bool) -> list[CaseSummary]:
     summaries: list[CaseSummary | None] = [None] * len(cases)
     batch = max(1, int(getattr(session.models.crm, "batch_size", 4)))
     done = 0
@@ -79,7 +95,7 @@ def run_cases(session: Session, cases: Sequence[Case], out_dir: str | Path, opti
     def write(i: int, result) -> None:
         src = _source_path(cases[i].source)
         try:
-            outputs = write_result(result, dirs[i], inputs=[src])
+            outputs = write_result(result, dirs[i], inputs=[src], overwrite=overwrite)
         except InputError as exc:
             finish(i, error(i, exc))
             return

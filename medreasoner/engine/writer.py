@@ -9,6 +9,11 @@ file name without its image suffix, made unique within the run (``a``, ``a_2``, 
 
 ``result.json`` is the result record (see ``medreasoner/schemas/result.schema.json``) plus the
 paths written, under ``outputs``.
+
+A case folder is one unit (:mod:`medreasoner.engine.output_sets`): it is written complete in the
+output folder's work area ``OUT/.medreasoner/`` and swapped into place, so an interruption at any
+moment leaves the complete old set or the complete new set. A folder is replaced only when this
+tool wrote it for the same input (``result.json`` says which), or when asked (``overwrite``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from medreasoner.constants import IMAGE_SUFFIXES, TINY_WARNING, VOLUME_SUFFIXES
+from medreasoner.engine import output_sets
 from medreasoner.engine.results import ImageResult, VolumeResult
 from medreasoner.io.files import atomic_write_bytes, guard_outputs, json_bytes, png_bytes
 
@@ -45,38 +51,75 @@ def case_stem(source: Any) -> str:
 
 
 class StemAllocator:
-    """Unique case folder names within one run: ``a``, ``a_2``, ``a_3``... never one taken before."""
+    """Unique case folder names: ``a``, ``a_2``, ``a_3``... never one taken earlier in this run, and, when
+    ``root`` is given, never a folder that holds another input's results or that another live run is
+    writing (claims are lock files in the work area, released by ``release()`` or at process exit)."""
 
-    def __init__(self, taken: Iterable[str] = ()):
+    def __init__(self, taken: Iterable[str] = (), root: str | Path | None = None):
         self._taken = {t.lower() for t in taken}
+        self.root = Path(root) if root is not None else None
+        self._claims: list[Path] = []
+        if self.root is not None:
+            output_sets.recover(self.root)
 
     def take(self, source: Any) -> str:
         base = case_stem(source)
         stem, k = base, 1
-        while stem.lower() in self._taken:
+        while stem.lower() in self._taken or not self._claim(stem, source):
             k += 1
             stem = f"{base}_{k}"
         self._taken.add(stem.lower())
         return stem
 
+    def _claim(self, stem: str, source: Any) -> bool:
+        if self.root is None:
+            return True
+        path = getattr(source, "path", source)
+        owner = output_sets.owner(self.root / stem)
+        if owner not in (None, output_sets.NOT_OURS) and not output_sets.same_input(owner, path):
+            return False  # our results for another input: never replaced by a name collision
+        lock = output_sets.claim(self.root, stem, path)
+        if lock is None:
+            return False
+        self._claims.append(lock)
+        return True
+
+    def release(self) -> None:
+        for lock in self._claims:
+            output_sets.release(lock)
+        self._claims.clear()
+
 
 def write_result(result: ImageResult | VolumeResult, case_dir: str | Path,
-                 inputs: Iterable[str | Path | None] = ()) -> dict[str, str]:
-    """Write one result's files into ``case_dir``; returns {kind: path}. Never over an input."""
+                 inputs: Iterable[str | Path | None] = (), overwrite: bool = False) -> dict[str, str]:
+    """Write one result's files as one unit into ``case_dir``; returns {kind: path}.
+
+    Never over an input, never over a folder this tool did not write for this input (unless ``overwrite``)."""
     out = Path(case_dir)
     ins = [Path(p) for p in inputs if p]
-    if isinstance(result, VolumeResult):
-        return _write_volume(result, out, ins)
-    return _write_image(result, out, ins)
+    source = next(iter(ins), None)
+    output_sets.check_replaceable(out, source, ins, overwrite)
+    staging = output_sets.staging_dir(out)
+    try:
+        if isinstance(result, VolumeResult):
+            outputs = _write_volume(result, staging, ins, final=out)
+        else:
+            outputs = _write_image(result, staging, ins, final=out)
+        output_sets.swap_into_place(staging, out)
+    except BaseException:
+        output_sets.discard(staging)
+        raise
+    return outputs
 
 
-def _write_image(result: ImageResult, out: Path, inputs: list[Path]) -> dict[str, str]:
+def _write_image(result: ImageResult, out: Path, inputs: list[Path], final: Path) -> dict[str, str]:
+    """Files into ``out`` (the staging folder); the record names them where they will be (``final``)."""
     from medreasoner.imaging.overlay import draw_overlay
 
     paths = {k: out / name for k, name in IMAGE_FILES.items()}
     guard_outputs(list(paths.values()), inputs)
     record = result.to_record()
-    record["outputs"] = {k: str(v) for k, v in paths.items()}
+    record["outputs"] = {k: str(final / name) for k, name in IMAGE_FILES.items()}
     banner = TINY_WARNING if TINY_WARNING in result.warnings else ""
     title = f"Q: {result.query}  [{result.status}]" + (f" - {result.message}" if result.message else "")
     rgb = result.rgb if result.rgb is not None else np.zeros((*result.mask.shape, 3), np.uint8)
@@ -89,7 +132,7 @@ def _write_image(result: ImageResult, out: Path, inputs: list[Path]) -> dict[str
     return record["outputs"]
 
 
-def _write_volume(result: VolumeResult, out: Path, inputs: list[Path]) -> dict[str, str]:
+def _write_volume(result: VolumeResult, out: Path, inputs: list[Path], final: Path) -> dict[str, str]:
     from medreasoner.io.segmentation import write_segmentation
 
     paths = {k: out / name for k, name in VOLUME_FILES.items()}
@@ -104,6 +147,6 @@ def _write_volume(result: VolumeResult, out: Path, inputs: list[Path]) -> dict[s
         atomic_write_bytes(paths["montage"], png_bytes(result.montage))
     record = result.to_record()
     record.setdefault("timings_s", {})["write"] = round(time.perf_counter() - t0, 4)
-    record["outputs"] = {k: str(v) for k, v in paths.items()}
+    record["outputs"] = {k: str(final / v.name) for k, v in paths.items()}
     atomic_write_bytes(paths["result"], json_bytes(record))
     return record["outputs"]

@@ -1,0 +1,175 @@
+"""Output folders lose nothing: ownership, name collisions, concurrent writers, and kill -9 at any moment.
+
+Results here are real ``ImageResult`` records built by hand (no model needed): what is tested is the
+writer, which is the same for every front end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medreasoner.engine.output_sets import WORK_AREA, check_output_root, recover
+from medreasoner.engine.results import ImageResult
+from medreasoner.engine.writer import IMAGE_FILES, StemAllocator, write_result
+from medreasoner.errors import InputError
+from medreasoner.models.answer import AnswerStatus, ParsedAnswer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def result_for(src: Path, status: str = "ok", tag: str = "") -> ImageResult:
+    mask = np.zeros((16, 16), bool)
+    if status == "ok":
+        mask[4:9, 5:11] = True
+    answer = ParsedAnswer(AnswerStatus.OK, think=f"because {tag}", box=(5, 4, 11, 9), points=[(7, 6), (8, 7)])
+    return ImageResult(query=f"q {tag}", status=status, answer=answer, mask=mask, mask_score=0.9,
+                       completion="<answer>{}</answer>", image_size=(16, 16), model_input_size=(16, 16),
+                       crm={"tiny_test_model": False}, asm={"tiny_test_model": False}, prompt="reasoning",
+                       input={"path": str(src)}, rgb=np.zeros((16, 16, 3), np.uint8))
+
+
+def complete_set(case: Path) -> dict:
+    """The set in ``case`` is whole: every file its record names exists, nothing else is there."""
+    record = json.loads((case / "result.json").read_text())
+    named = {Path(p).name for p in record["outputs"].values()}
+    assert named == {p.name for p in case.iterdir()}, (named, list(case.iterdir()))
+    assert all(Path(p).parent == case for p in record["outputs"].values())
+    from PIL import Image
+
+    mask = np.asarray(Image.open(case / "mask.png"))  # written by the same run as the record?
+    assert (mask > 0).any() == (record["status"] == "ok") and int((mask > 0).sum()) == record["mask_area_px"]
+    return record
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    d = tmp_path / "in"
+    (d / "d1").mkdir(parents=True)
+    (d / "d2").mkdir()
+    for p in (d / "d1" / "a.png", d / "d2" / "a.png", d / "a_1.png"):
+        p.write_bytes(b"not read here")
+    return d
+
+
+def test_a_folder_the_tool_did_not_write_is_never_replaced(tmp_path, inputs):
+    out = tmp_path / "out"
+    user = out / "a"
+    user.mkdir(parents=True)
+    (user / "liver_mask.png").write_bytes(b"the user's own mask")
+    with pytest.raises(InputError, match="did not write it.*--overwrite"):
+        write_result(result_for(inputs / "d1" / "a.png"), user, inputs=[inputs / "d1" / "a.png"])
+    assert (user / "liver_mask.png").read_bytes() == b"the user's own mask"
+    assert not (out / WORK_AREA).exists()
+    write_result(result_for(inputs / "d1" / "a.png"), user, inputs=[inputs / "d1" / "a.png"], overwrite=True)
+    assert not (user / "liver_mask.png").exists() and complete_set(user)["status"] == "ok"
+
+
+def test_rerun_replaces_the_whole_set_and_a_no_target_leaves_nothing_stale(tmp_path, inputs):
+    src, case = inputs / "d1" / "a.png", tmp_path / "out" / "a"
+    write_result(result_for(src, tag="first"), case, inputs=[src])
+    (case / "montage.png").write_bytes(b"from an older layout")  # an extra file in our own folder
+    write_result(result_for(src, status="no_target", tag="second"), case, inputs=[src])
+    record = complete_set(case)
+    assert record["status"] == "no_target" and record["query"] == "q second"
+    assert not (tmp_path / "out" / WORK_AREA).exists()  # nothing left in the work area
+
+
+def test_results_of_another_input_are_kept_and_names_stay_unique(tmp_path, inputs):
+    out = tmp_path / "out"
+    first = StemAllocator(root=out)
+    stems = [first.take(p) for p in (inputs / "d1" / "a.png", inputs / "d2" / "a.png", inputs / "a_1.png")]
+    assert len({s.lower() for s in stems}) == 3  # d1/a, d2/a and a_1 never share a folder
+    for stem, p in zip(stems, (inputs / "d1" / "a.png", inputs / "d2" / "a.png", inputs / "a_1.png")):
+        write_result(result_for(p, tag=stem), out / stem, inputs=[p])
+    first.release()
+    # a later run: the same input finds its own folder again; a new input never takes another's
+    later = StemAllocator(root=out)
+    assert later.take(inputs / "d2" / "a.png") == stems[1]
+    newcomer = inputs / "a.png"
+    newcomer.write_bytes(b"x")
+    assert later.take(newcomer) not in stems
+    later.release()
+    with pytest.raises(InputError, match="another input"):
+        write_result(result_for(newcomer), out / stems[0], inputs=[newcomer])
+    assert json.loads((out / stems[0] / "result.json").read_text())["input"]["path"] == str(inputs / "d1" / "a.png")
+
+
+def test_output_folder_inside_an_input_folder_is_refused(tmp_path, inputs):
+    for out in (inputs, inputs / "d1" / "results"):
+        with pytest.raises(InputError, match="inside the input folder"):
+            check_output_root(out, [inputs])
+    check_output_root(tmp_path / "elsewhere", [inputs])
+    with pytest.raises(InputError, match="holds the input"):
+        write_result(result_for(inputs / "d1" / "a.png"), inputs / "d1", inputs=[inputs / "d1" / "a.png"])
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    import medreasoner.io.files as files
+    from test_output_sets import result_for
+    from medreasoner.engine.writer import StemAllocator, write_result
+    real = files.atomic_write_bytes
+    def slow(path, data):  # widen every window between files
+        time.sleep(0.05)
+        real(path, data)
+    import medreasoner.engine.writer as w
+    w.atomic_write_bytes = slow
+    src, out = Path(sys.argv[1]), Path(sys.argv[2])
+    stems = StemAllocator(root=out)
+    stem = stems.take(src)
+    print("STEM", stem, flush=True)
+    for k in range(1000):
+        write_result(result_for(src, status="ok" if k % 2 else "no_target", tag=str(k)), out / stem, inputs=[src])
+        print("WROTE", k, flush=True)
+""")
+
+
+def test_kill_9_at_any_moment_leaves_the_old_or_the_new_set(tmp_path, inputs):
+    """A writer rewrites one case over and over; SIGKILL at random moments; every time, the folder holds
+    one complete set, and the next run clears what the killed one left in the work area."""
+    src, out = inputs / "d1" / "a.png", tmp_path / "out"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(tests=str(ROOT / "tests")))
+    rng = np.random.default_rng(0)
+    seen_sets = 0
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(src), str(out)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.stdout.readline().startswith("STEM")
+        time.sleep(0.3 + float(rng.random()) * 0.6)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        case = out / "a"
+        if case.exists():
+            complete_set(case)
+            seen_sets += 1
+        recover(out)  # what the next run into this folder does first
+        assert not (out / WORK_AREA / "staging").exists() or not any((out / WORK_AREA / "staging").iterdir())
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert seen_sets >= 4
+
+
+def test_two_live_runs_never_share_a_case_folder_for_different_inputs(tmp_path, inputs):
+    out = tmp_path / "out"
+    code = ("import sys, time\nfrom medreasoner.engine.writer import StemAllocator\n"
+            "s = StemAllocator(root=sys.argv[2]); print(s.take(sys.argv[1]), flush=True); time.sleep(3)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(p), str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+             for p in (inputs / "d1" / "a.png", inputs / "d2" / "a.png")]
+    names = [p.stdout.readline().strip() for p in procs]
+    for p in procs:
+        p.wait(20)
+    assert sorted(names) == ["a", "a_2"]
+    assert set(IMAGE_FILES)  # the layout the writer documents
