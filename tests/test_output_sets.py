@@ -109,7 +109,7 @@ def test_output_folder_inside_an_input_folder_is_refused(tmp_path, inputs):
         with pytest.raises(InputError, match="inside the input folder"):
             check_output_root(out, [inputs])
     check_output_root(tmp_path / "elsewhere", [inputs])
-    with pytest.raises(InputError, match="holds the input"):
+    with pytest.raises(InputError, match="refusing to overwrite the input"):
         write_result(result_for(inputs / "d1" / "a.png"), inputs / "d1", inputs=[inputs / "d1" / "a.png"])
 
 
@@ -144,7 +144,7 @@ def test_kill_9_at_any_moment_leaves_the_old_or_the_new_set(tmp_path, inputs):
     script.write_text(WRITER.format(tests=str(ROOT / "tests")))
     rng = np.random.default_rng(0)
     seen_sets = 0
-    for trial in range(6):
+    for _ in range(6):
         proc = subprocess.Popen([sys.executable, str(script), str(src), str(out)], stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.stdout.readline().startswith("STEM")

@@ -62,7 +62,8 @@ def check_replaceable(case_dir: Path, source: Any, inputs: list[Path], overwrite
     for p in inputs:
         rp = Path(p).resolve()
         if rp == resolved or resolved in rp.parents:
-            raise InputError(f"refusing to write {case_dir}: it holds the input {p}; choose another --out folder")
+            raise InputError(f"refusing to overwrite the input {p} (it lies in the case folder {case_dir}); "
+                             "choose another --out folder")
     if overwrite:
         return
     who = owner(case_dir)
@@ -154,21 +155,30 @@ def claim(root: Path, stem: str, source: Any) -> Path | None:
     lock = locks / f"{stem.lower()}.lock"
     body = json.dumps({"pid": os.getpid(), "input": None if source is None else str(source)})
     for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            held = _lock_body(lock)
-            if held.get("pid") == os.getpid():
-                return lock
-            if _alive(held.get("pid")):
-                # another live run: the same input may share the name (it writes the same set), else not
-                return lock if source is not None and same_input(held.get("input"), source) else None
-            lock.unlink(missing_ok=True)  # its run died: take the name over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-        return lock
+        if _create_exclusive(lock, body):
+            return lock
+        held = _lock_body(lock)
+        if held.get("pid") == os.getpid():
+            return lock
+        if _alive(held.get("pid")):
+            # another live run: the same input may share the name (it writes the same set), else not
+            return lock if source is not None and same_input(held.get("input"), source) else None
+        lock.unlink(missing_ok=True)  # its run died: take the name over
     return None
+
+
+def _create_exclusive(path: Path, body: str) -> bool:
+    """Create ``path`` holding ``body`` only if it does not exist, in one step: a reader never sees it
+    empty (a hard link of a complete temporary file; link() fails if the name exists)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
+    tmp.write_text(body)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def release(lock: Path) -> None:

@@ -499,9 +499,10 @@ def read_image(image: Any, window: Any = None):
     if isinstance(image, Image2D):
         return image
     win = None if window is None else parse_window(window)
+    # blank, all-NaN and tiny images are refused here, as volumes are: a model cannot answer about them
     if isinstance(image, (str, Path)):
-        return load_image(image, window=win)
-    return image_from_array(image, window=win)
+        return load_image(image, window=win, check_content=True)
+    return image_from_array(image, window=win, check_content=True)
 
 
 def is_volume_input(path: Any) -> bool:

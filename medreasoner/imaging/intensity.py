@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,9 @@ from medreasoner.errors import InputError
 # Robust range for images without a known window (MedSAM's recipe for MR and friends).
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
+
+# Elements per slab when statistics of a large array are taken piecewise (bounded temporaries).
+_SLAB_ELEMENTS = 8_000_000
 
 
 @dataclass(frozen=True)
@@ -136,3 +140,57 @@ def to_rgb_uint8(pixels: np.ndarray, window: Window | None = None) -> tuple[np.n
         else:
             how += ", opaque alpha dropped"
     return np.ascontiguousarray(rgb), how
+
+
+# ----------------------------------------------------------------------------------- degenerate inputs
+
+
+def _slabs(arr: np.ndarray) -> Iterable[np.ndarray]:
+    step = max(1, _SLAB_ELEMENTS // max(1, arr[0].size)) if arr.ndim >= 1 and arr.shape[0] else 1
+    for start in range(0, arr.shape[0], step):
+        yield arr[start:start + step]
+
+
+def finite_range(arr: np.ndarray) -> tuple[float | None, float | None, int]:
+    """(min, max) of the finite values (None if there are none) and the count of NaN/inf values,
+    taken slab by slab so a large volume needs no full-size temporary."""
+    lo, hi, bad = math.inf, -math.inf, 0
+    floating = np.issubdtype(arr.dtype, np.floating)
+    for slab in _slabs(arr):
+        if floating:
+            finite = np.isfinite(slab)
+            n_fin = int(finite.sum())
+            bad += slab.size - n_fin
+            if n_fin == 0:
+                continue
+            if n_fin != slab.size:
+                slab = slab[finite]
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+    if lo == math.inf:
+        return None, None, bad
+    return lo, hi, bad
+
+
+def check_not_blank(arr: np.ndarray, where: str, kind: str = "volume",
+                    channels_last: bool = False) -> tuple[float | None, float | None, int]:
+    """Refuse an all-NaN or constant (e.g. all-zero) image or volume: a model sees a blank picture and
+    any "answer" would be invented. One check for 2D and 3D so both refuse the same data alike.
+
+    ``kind`` is "volume" (voxels) or "image" (pixels); with ``channels_last`` each colour channel is
+    judged on its own (one flat colour is blank, a varying alpha is not). Returns ``finite_range``.
+    """
+    unit = "voxel" if kind == "volume" else "pixel"
+    planes = [arr[..., c] for c in range(arr.shape[-1])] if channels_last else [arr]
+    ranges = [finite_range(a) for a in planes]
+    if all(lo is None or hi is None or hi <= lo for lo, hi, _ in ranges):
+        values = [lo for lo, _, _ in ranges]
+        if all(v is None for v in values):
+            what = f"has no finite {unit}s: every {unit} is NaN or infinite"
+        elif len(values) == 1:
+            what = f"every {unit} is {values[0]:g}"
+        else:
+            what = f"every {unit} has the same value ({', '.join('NaN' if v is None else f'{v:g}' for v in values)})"
+        raise InputError(f"{where}: {kind} is empty/constant ({what}); nothing to segment")
+    los = [lo for lo, _, _ in ranges if lo is not None]
+    his = [hi for _, hi, _ in ranges if hi is not None]
+    return min(los), max(his), sum(bad for _, _, bad in ranges)

@@ -2,14 +2,19 @@
 
 Geometry rule: a volume is kept exactly as read (size, spacing, origin, direction untouched); what
 was learnt while reading (modality, non-finite voxels, the DICOM series chosen) travels with it.
+A volume must be a regular, orthogonal grid: DICOM series with missing slices, uneven spacing or a
+gantry tilt and sheared NIfTI affines are refused (never resampled: that would invent voxels). The
+only repairs are for missing NIfTI geometry (no qform/sform, zero pixdim); they are listed in
+``metadata["repairs"]`` and warned about. Every record's ``input.metadata`` is ``Volume.metadata``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
-from collections.abc import Iterable
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +23,8 @@ import numpy as np
 
 from medreasoner.constants import VOLUME_SUFFIXES as VOLUME_FILE_SUFFIXES
 from medreasoner.errors import InputError
+from medreasoner.imaging.intensity import check_not_blank, finite_range
+from medreasoner.io.files import DICOM_FILE_SUFFIXES, check_input_path, looks_like_dicom
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK
@@ -29,9 +36,14 @@ log = logging.getLogger(__name__)
 # SimpleITK pixel ids sitkInt8 .. sitkUInt64 (scalar integers); 8, 9 are float32/64.
 _INTEGER_PIXELS = (0, 1, 2, 3, 4, 5, 6, 7)
 
-# Voxel counts above which statistics are taken on a strided subsample / in slabs.
+# Voxel count above which statistics are taken on a strided subsample.
 _SAMPLE_VOXELS = 4_000_000
-_SLAB_VOXELS = 8_000_000
+
+# DICOM slice geometry tolerance: 1% of the slice spacing, at least 0.01 mm (positions are decimal strings).
+_GRID_TOL_REL = 0.01
+_GRID_TOL_MM = 0.01
+
+_finite_stats = finite_range  # the name imaging.windowing imports
 
 
 
@@ -72,18 +84,18 @@ class Volume:
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a 3D volume file (NIfTI, NRRD, MHA/MHD, ...) or a folder holding a DICOM series."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"volume not found: {p}")
-    if p.is_dir():
-        image, modality, meta = _read_dicom_folder(p)
+    st = check_input_path(p, "volume")  # symlink loops, FIFOs and devices named as such
+    if stat.S_ISDIR(st.st_mode):
+        image, modality, meta, notes = _read_dicom_folder(p)
     else:
-        image, modality, meta = _read_file(p)
-    return volume_from_image(image, path=str(p), modality=modality, metadata=meta)
+        image, modality, meta, notes = _read_file(p)
+    return volume_from_image(image, path=str(p), modality=modality, metadata=meta, warnings=notes)
 
 
 def volume_from_image(image: SimpleITK.Image, path: str | None = None, modality: str | None = None,
-                      metadata: dict[str, Any] | None = None) -> Volume:
-    """Validate an in-memory SimpleITK image as a volume (the checks ``read_volume`` applies)."""
+                      metadata: dict[str, Any] | None = None, warnings: list[str] | None = None) -> Volume:
+    """Validate an in-memory SimpleITK image as a volume (the checks ``read_volume`` applies).
+    ``warnings`` (from the reader) come first in ``Volume.warnings``."""
     import SimpleITK as sitk
 
     where = path or "volume"
@@ -99,19 +111,16 @@ def volume_from_image(image: SimpleITK.Image, path: str | None = None, modality:
         raise InputError(f"{where}: pixel type {image.GetPixelIDTypeAsString()} is not supported")
     if 0 in image.GetSize():
         raise InputError(f"{where}: volume is empty (size {tuple(image.GetSize())})")
-    lo, hi, n_bad = _finite_stats(sitk.GetArrayViewFromImage(image))
-    if lo is None or hi is None or hi <= lo:
-        what = "has no finite voxels" if lo is None else f"every voxel is {lo:g}"
-        raise InputError(f"{where}: volume is empty/constant ({what}); nothing to segment")
-    warnings: list[str] = []
+    lo, _, n_bad = check_not_blank(sitk.GetArrayViewFromImage(image), where, "volume")
+    notes = list(warnings or [])
     if n_bad:
-        warnings.append(
+        notes.append(
             f"{n_bad} voxel(s) are NaN or infinite; they are shown as the window minimum"
         )
-        log.warning("%s: %s", where, warnings[-1])
+        log.warning("%s: %s", where, notes[-1])
     if not modality:
-        modality = _guess_modality(image, lo)
-    return Volume(image=image, path=path, modality=modality, warnings=warnings, metadata=dict(metadata or {}))
+        modality = _guess_modality(image, float(lo))
+    return Volume(image=image, path=path, modality=modality, warnings=notes, metadata=dict(metadata or {}))
 
 
 def _as_3d(image: SimpleITK.Image, where: str) -> SimpleITK.Image:
@@ -138,19 +147,22 @@ def _as_3d(image: SimpleITK.Image, where: str) -> SimpleITK.Image:
     return image
 
 
-def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any]]:
+def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any], list[str]]:
     import SimpleITK as sitk
 
     if p.stat().st_size == 0:
         raise InputError(f"volume file is empty (0 bytes): {p}")
+    is_nifti = p.name.lower().endswith((".nii", ".nii.gz"))
+    _check_detached_data(p)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     hint = f"supported: {', '.join(VOLUME_FILE_SUFFIXES)} files or a DICOM series folder"
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"cannot read {p} as a volume: not a recognised or intact image file ({hint})") \
-            from exc
+        reason = _nifti_refusal(p) if is_nifti else None  # ITK's own message hides the real reason
+        raise InputError(reason or f"cannot read {p} as a volume: not a recognised or intact image file "
+                         f"({hint})") from exc
     # Check the shape before loading the voxels: a large 4D file is refused without reading it.
     dim, size = reader.GetDimension(), tuple(int(s) for s in reader.GetSize())
     if dim == 2 or (dim >= 3 and 1 in size[:3] and 0 not in size):
@@ -172,12 +184,143 @@ def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any]]:
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read {p}: the file is damaged or truncated ({_first_line(exc)})") from exc
-    if p.name.lower().endswith((".nii", ".nii.gz")):
+    meta: dict[str, Any] = {"format": _format_name(p, image)}
+    notes: list[str] = []
+    if is_nifti:
         image = _check_nifti_data(p, image)
+        image, repairs, notes = _repair_nifti_geometry(p, image)
+        if repairs:
+            meta["repairs"] = repairs
     modality = ""
     if image.HasMetaDataKey("0008|0060"):  # a single (multi-frame) DICOM file
         modality = image.GetMetaData("0008|0060").strip().upper()
-    return image, modality, {"format": _format_name(p, image)}
+    return image, modality, meta, notes
+
+
+# ----------------------------------------------------------------------------- header sanity (NIfTI, NRRD)
+
+
+def _raw_nifti_header(p: Path) -> Any | None:
+    """The NIfTI-1/2 header exactly as stored: nibabel's loader quietly turns zero pixdims into 1."""
+    import gzip
+
+    import nibabel as nib
+
+    try:
+        with (gzip.open(p, "rb") if p.name.lower().endswith(".gz") else p.open("rb")) as f:
+            raw = f.read(540)
+    except (OSError, EOFError):
+        return None
+    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    cls = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
+    try:
+        return cls.from_fileobj(io.BytesIO(raw), check=False)
+    except Exception:  # noqa: BLE001 - a damaged header: the caller keeps its own message
+        return None
+
+
+def _axes_angle(matrix: np.ndarray) -> float:
+    """The angle (degrees) between two voxel axes (columns) of ``matrix`` that is farthest from 90."""
+    m = np.asarray(matrix, float)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    if not np.all(np.isfinite(m)) or np.any(norms == 0):
+        return 90.0  # degenerate, not sheared (zero/NaN scales are judged elsewhere)
+    cols = m / norms
+    worst = 90.0
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        angle = math.degrees(math.acos(float(np.clip(cols[:, a] @ cols[:, b], -1.0, 1.0))))
+        if abs(angle - 90.0) > abs(worst - 90.0):
+            worst = angle
+    return worst
+
+
+def _nifti_refusal(p: Path) -> str | None:
+    """Why ITK refused a NIfTI header that nibabel reads: a sheared sform without a usable qform."""
+    header = _raw_nifti_header(p)
+    if header is None or int(header["sform_code"]) <= 0:
+        return None
+    angle = _axes_angle(header.get_sform())
+    if abs(angle - 90.0) < 1e-3:
+        return None
+    return (f"the NIfTI affine of {p} is sheared (its axes are not perpendicular: {angle:.1f} deg); "
+            "MedReasoner needs an orthogonal grid: resample it first")
+
+
+def _repair_nifti_geometry(p: Path, image: SimpleITK.Image) -> tuple[SimpleITK.Image, list[str], list[str]]:
+    """Make the geometry ITK inferred for a NIfTI header without one explicit, and say so.
+
+    Chosen behaviour (read with a recorded repair rather than refuse, as the NIfTI standard's
+    "method 1" does for Analyze-style files): no qform and no sform (both codes 0) -> the direction is
+    identity (LPS) and the orientation is unknown; a zero/negative/non-finite pixdim where no sform
+    gives the spacing -> 1 mm; a sheared sform that ITK skipped for the qform -> said so. Each repair
+    goes to ``metadata["repairs"]`` and a warning (the result record's ``warnings``) says what it means.
+    """
+    header = _raw_nifti_header(p)
+    if header is None:
+        return image, [], []
+    repairs: list[str] = []
+    notes: list[str] = []
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if scode > 0 and qcode > 0:
+        angle = _axes_angle(header.get_sform())
+        if abs(angle - 90.0) >= 1e-3:
+            repairs.append(f"sheared sform ({angle:.1f} deg between axes) ignored: the qform was used")
+            notes.append(f"{p.name}: the sform is sheared ({angle:.1f} deg), so the qform's geometry was used; "
+                         "other tools may place this volume differently")
+    if qcode <= 0 and scode <= 0:
+        image.SetDirection(tuple(np.eye(3).ravel()))
+        repairs.append("no qform/sform: orientation unknown, identity assumed")
+        notes.append(f"{p.name} has no qform/sform, so its orientation is unknown (identity assumed): "
+                     "left/right and the other patient directions in the result may be wrong")
+    if scode <= 0:
+        pixdim = [float(v) for v in header["pixdim"][1:4]]
+        bad = [i for i, v in enumerate(pixdim) if not (math.isfinite(v) and v > 0)]
+        if bad:
+            spacing = list(image.GetSpacing())
+            for i in bad:
+                spacing[i] = 1.0
+            image.SetSpacing(spacing)
+            values = sorted({f"{pixdim[i]:g}" for i in bad})
+            axes = "" if len(bad) == 3 else f" (axis {', '.join('ijk'[i] for i in bad)})"
+            repairs.append(f"pixdim {'/'.join(values)} -> 1 mm{axes}")
+            notes.append(f"{p.name} has no voxel size (pixdim {'/'.join(values)}{axes}): 1 mm assumed, so "
+                         "sizes in millimetres in the result are not physical")
+    for note in notes:
+        log.warning("%s", note)
+    return image, repairs, notes
+
+
+def _check_detached_data(p: Path) -> None:
+    """A NRRD/MetaImage header whose detached data file is missing: ITK only says "cannot read"."""
+    if not p.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        return
+    try:
+        with p.open("rb") as f:
+            text = f.read(65536).decode("latin-1")
+    except OSError:
+        return
+    data_file, field_name = None, ""
+    if text.startswith("NRRD"):
+        for line in text.splitlines()[1:]:
+            if not line.strip():
+                break  # a blank line ends a NRRD header
+            key, sep, value = line.partition(":")
+            if sep and not value.startswith("=") and key.strip().lower() in ("data file", "datafile"):
+                data_file, field_name = value.strip(), key.strip()
+                break
+    else:
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() == "ElementDataFile":
+                data_file, field_name = value.strip(), "ElementDataFile"
+                break
+    # LOCAL: the data follows the header; LIST or a %d pattern: several files, left to ITK.
+    if not data_file or data_file.upper() == "LOCAL" or data_file.upper().startswith("LIST") or "%" in data_file:
+        return
+    target = Path(data_file) if Path(data_file).is_absolute() else p.parent / data_file
+    if not target.exists():
+        raise InputError(f"cannot read {p}: the data file {data_file} named by the header is missing "
+                         f"(looked in {target.parent}); put it next to the header or fix its '{field_name}' line")
 
 
 def _check_nifti_data(p: Path, image: SimpleITK.Image) -> SimpleITK.Image:
@@ -262,77 +405,234 @@ def _format_name(p: Path, image: SimpleITK.Image) -> str:
     return p.suffix.lstrip(".").upper()
 
 
-def _read_dicom_folder(folder: Path) -> tuple[SimpleITK.Image, str, dict[str, Any]]:
-    import SimpleITK as sitk
+@dataclass
+class _DicomFile:
+    """One image file of a DICOM series, as its header describes it."""
+
+    path: Path
+    series_uid: str
+    description: str
+    modality: str
+    position: tuple[float, ...] | None
+    orientation: tuple[float, ...] | None
+
+
+def _damaged_member(name: str, folder: Path, reason: str) -> InputError:
+    return InputError(f"cannot read {name} in the DICOM folder {folder}: it looks like DICOM but is damaged or "
+                      f"truncated ({reason}); remove or replace that file")
+
+
+def _numbers(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[str]]:
+    """The image files of each series in ``folder`` (sub-folders are not searched), from their headers.
+
+    Only regular, non-hidden files are candidates: folders, FIFOs, devices, sockets, ``.DS_Store`` and
+    AppleDouble ``._*`` files never are, so they cannot change which slices are used (GDCM's own scan
+    returns one file of a series when the folder holds a FIFO). A file that looks like DICOM (DICM
+    preamble or .dcm/.dicom/.ima name) but cannot be read fails the read naming it: skipping it would
+    leave a silent gap. Non-image DICOM objects (DICOMDIR, SR, RT structure sets) are skipped and listed.
+    """
+    import pydicom
+    from pydicom.uid import UID
 
     try:
-        series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError as exc:
-        raise InputError(f"cannot scan {folder} for DICOM files: {_first_line(exc)}") from exc
-    if not series_ids:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise InputError(f"cannot list the DICOM folder {folder}: {exc.strerror or exc}") from exc
+    series: dict[str, list[_DicomFile]] = {}
+    skipped: list[str] = []
+    for entry in entries:
+        name = entry.name
+        if name.startswith("."):
+            continue
+        path = Path(entry.path)
+        try:
+            regular = entry.is_file()  # follows links; False for folders, FIFOs, devices, loops
+        except OSError:
+            regular = False
+        if not regular:
+            if entry.is_symlink() and name.lower().endswith(DICOM_FILE_SUFFIXES):
+                raise _damaged_member(name, folder, "a symlink to a missing file")
+            continue
+        looks = looks_like_dicom(path)
+        if not looks and not _starts_like_raw_dicom(path):
+            continue  # README.txt, thumbnails, ...: not DICOM, never read
+        try:  # force: DICOM files without the preamble exist; defer_size: never load big values of junk
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True, defer_size=4096)
+            meta = getattr(ds, "file_meta", None)
+            sop = str((meta.get("MediaStorageSOPClassUID", "") if meta is not None else "")
+                      or ds.get("SOPClassUID", "") or "")
+            is_image = "Rows" in ds or (bool(sop) and "Image Storage" in UID(sop).name)
+            missing = [k for k in ("SeriesInstanceUID", "Rows", "Columns") if not ds.get(k)]
+            found = _DicomFile(path=path, series_uid=str(ds.get("SeriesInstanceUID", "")).strip(),
+                               description=str(ds.get("SeriesDescription", "") or "").strip(),
+                               modality=str(ds.get("Modality", "") or "").strip().upper(),
+                               position=_numbers(ds.get("ImagePositionPatient"), 3),
+                               orientation=_numbers(ds.get("ImageOrientationPatient"), 6))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged or foreign files
+            if looks:
+                raise _damaged_member(name, folder, _first_line(exc)) from exc
+            continue
+        if not is_image:
+            if looks and not sop:
+                raise _damaged_member(name, folder, "no SOP class: not a complete DICOM file")
+            if looks:
+                skipped.append(name)
+            continue
+        if missing:
+            if looks:
+                raise _damaged_member(name, folder, f"no {', '.join(missing)}")
+            continue
+        series.setdefault(found.series_uid, []).append(found)
+    return series, skipped
+
+
+def _starts_like_raw_dicom(path: Path) -> bool:
+    """A DICOM dataset stored without preamble (old ACR-NEMA style files) starts with a group 0x0002 or
+    0x0008 tag, little endian; GDCM reads such files, so they are still series members."""
+    try:
+        with path.open("rb") as f:
+            return f.read(2) in (b"\x02\x00", b"\x08\x00")
+    except OSError:
+        return False
+
+
+def _mm(x: float) -> str:
+    return f"{x:.1f}" if round(x, 1) == round(x, 2) else f"{x:.2f}"
+
+
+def _regular_slice_order(files: list[_DicomFile], uid: str, folder: Path) -> tuple[list[_DicomFile], float]:
+    """The files sorted along the slice normal, and their spacing; refuse anything that is not a regular
+    grid (ITK would stack the slices at even steps and place them up to half a gap off, silently).
+
+    Checked on the positions projected on the normal of ImageOrientationPatient: one orientation for all
+    slices, no two slices at one position, no in-plane drift from slice to slice (gantry tilt), and equal
+    gaps (missing slices) within 1% of the median gap or 0.01 mm, whichever is larger.
+    """
+    where = f"DICOM series {uid} in {folder}"
+    for f in files:
+        if f.position is None or f.orientation is None:
+            raise InputError(f"{where}: {f.path.name} has no usable ImagePositionPatient/ImageOrientationPatient, "
+                             "so its slices cannot be placed in 3D")
+    iop = np.array(files[0].orientation)
+    for f in files[1:]:
+        if np.abs(np.array(f.orientation) - iop).max() > 1e-3:
+            raise InputError(f"{where} mixes slice orientations ({files[0].path.name} and {f.path.name} differ); "
+                             "give a folder holding one stack of parallel slices")
+    normal = np.cross(iop[:3], iop[3:])
+    if not np.linalg.norm(normal) > 0.5:
+        raise InputError(f"{where}: ImageOrientationPatient {tuple(iop)} is not two perpendicular unit vectors")
+    normal /= np.linalg.norm(normal)
+    pos = np.array([f.position for f in files])
+    depth = pos @ normal
+    order = np.argsort(depth, kind="stable")
+    files = [files[i] for i in order]
+    pos, depth = pos[order], depth[order]
+    gaps = np.diff(depth)
+    expected = float(np.median(gaps))
+    tol = max(_GRID_TOL_MM, _GRID_TOL_REL * expected)
+    names = [f.path.name for f in files]
+    dup = np.flatnonzero(gaps < tol)
+    if dup.size:
+        i = int(dup[0])
+        raise InputError(f"{where} has several slices at one position ({names[i]} and {names[i + 1]}, "
+                         f"{_mm(float(depth[i]))} mm along the normal): it holds more than one image per position "
+                         "(echoes, phases, time points or repeats); give one of them per folder")
+    drift = np.linalg.norm(np.diff(pos - np.outer(depth, normal), axis=0), axis=1)  # in-plane shift per step
+    if drift.max() > tol:
+        tilt = math.degrees(math.atan2(float(np.median(drift)), expected))
+        raise InputError(f"{where} is tilted: its slices shift {_mm(float(np.median(drift)))} mm in-plane per "
+                         f"{_mm(expected)} mm step (a gantry tilt of {tilt:.1f} deg), so they do not form a regular "
+                         "grid; resample it first (e.g. dcm2niix or 3D Slicer's DICOM import correct the tilt)")
+    off = np.abs(gaps - expected)
+    if off.max() > tol:
+        i = int(np.argmax(off))
+        raise InputError(f"{where} has irregular slice spacing: a gap of {_mm(float(gaps[i]))} mm between slices "
+                         f"{i + 1} and {i + 2} ({names[i]}, {names[i + 1]}; expected {_mm(expected)} mm); missing "
+                         "slices? Give the complete series")
+    return files, expected
+
+
+def _describe_series(uid: str, files: list[_DicomFile]) -> str:
+    desc = files[0].description
+    return f"{uid} ({repr(desc) + ', ' if desc else ''}{len(files)} images)"
+
+
+def _read_dicom_folder(folder: Path) -> tuple[SimpleITK.Image, str, dict[str, Any], list[str]]:
+    """The series with the most image files in ``folder``, checked to be a regular grid.
+
+    Several series: the one with the most images is read (a tie is refused, listing them) and the others
+    are named in ``metadata["other_series"]`` and in a warning.
+    """
+    import SimpleITK as sitk
+
+    series, skipped = _scan_dicom_folder(folder)
+    if not series:
         raise InputError(
             f"{folder} is a folder with no DICOM series in it (sub-folders are not searched); "
             "give a DICOM series folder or a volume file"
         )
-    files = {sid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in series_ids}
-    chosen = max(series_ids, key=lambda s: (len(files[s]), s))
-    if len(series_ids) > 1:
-        others = ", ".join(f"{s} ({len(files[s])} files)" for s in series_ids if s != chosen)
+    most = max(len(files) for files in series.values())
+    top = sorted(uid for uid, files in series.items() if len(files) == most)
+    if len(top) > 1:
+        listed = "; ".join(_describe_series(uid, series[uid]) for uid in top)
+        raise InputError(f"{folder} holds {len(top)} DICOM series with {most} images each: {listed}; "
+                         "move the one you want into a folder of its own")
+    chosen = top[0]
+    files = series[chosen]
+    spacing = None
+    if len(files) > 1:
+        files, spacing = _regular_slice_order(files, chosen, folder)
+    notes: list[str] = []
+    others = [uid for uid in sorted(series) if uid != chosen]
+    if others:
+        listed = ", ".join(_describe_series(uid, series[uid]) for uid in others)
         log.info("%s holds %d DICOM series; reading %s (%d files), the one with most files; skipped: %s",
-                 folder, len(series_ids), chosen, len(files[chosen]), others)
+                 folder, len(series), chosen, len(files), listed)
+        notes.append(f"{folder.name} holds {len(series)} DICOM series; read {_describe_series(chosen, files)}, "
+                     f"the one with the most images; not read: {listed}")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files[chosen])
-    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.SetFileNames([str(f.path) for f in files])
     try:
         image = reader.Execute()
     except RuntimeError as exc:
+        for f in files:  # ITK does not say which file failed (a truncated one, say): find it
+            one = sitk.ImageFileReader()
+            one.SetFileName(str(f.path))
+            try:
+                one.Execute()
+            except RuntimeError as bad:
+                raise _damaged_member(f.path.name, folder, _first_line(bad)) from exc
         raise InputError(f"cannot read the DICOM series {chosen} in {folder}: {_first_line(exc)}") from exc
-
-    def tag(key: str) -> str:
-        try:
-            return reader.GetMetaData(0, key).strip() if reader.HasMetaDataKey(0, key) else ""
-        except RuntimeError:
-            return ""
-
-    meta = {
+    meta: dict[str, Any] = {
         "format": "DICOM series",
         "series_uid": chosen,
-        "series_description": tag("0008|103e"),
-        "n_files": len(files[chosen]),
-        "n_series_in_folder": len(series_ids),
+        "series_description": files[0].description,
+        "n_files": len(files),
+        "n_slices": len(files),
+        "n_series_in_folder": len(series),
     }
-    return image, tag("0008|0060").upper(), meta
+    if spacing is not None:
+        meta["slice_spacing_mm"] = round(spacing, 6)
+    if others:
+        meta["other_series"] = [{"series_uid": uid, "series_description": series[uid][0].description,
+                                 "n_files": len(series[uid])} for uid in others]
+    if skipped:
+        meta["skipped_non_image_files"] = skipped[:20]
+    return image, files[0].modality, meta, notes
 
 
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     useful = [ln for ln in lines if "ERROR" in ln or "rror" in ln] or lines
     return useful[-1][:300] if useful else type(exc).__name__
-
-
-def _slabs(arr: np.ndarray) -> Iterable[np.ndarray]:
-    step = max(1, _SLAB_VOXELS // max(1, arr[0].size)) if arr.ndim >= 1 and arr.shape[0] else 1
-    for start in range(0, arr.shape[0], step):
-        yield arr[start:start + step]
-
-
-def _finite_stats(arr: np.ndarray) -> tuple[float | None, float | None, int]:
-    """(min, max) of the finite voxels (None if there are none) and the count of NaN/inf voxels."""
-    lo, hi, bad = math.inf, -math.inf, 0
-    floating = np.issubdtype(arr.dtype, np.floating)
-    for slab in _slabs(arr):
-        if floating:
-            finite = np.isfinite(slab)
-            n_fin = int(finite.sum())
-            bad += slab.size - n_fin
-            if n_fin == 0:
-                continue
-            if n_fin != slab.size:
-                slab = slab[finite]
-        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
-    if lo == math.inf:
-        return None, None, bad
-    return lo, hi, bad
 
 
 def _guess_modality(image: SimpleITK.Image, low: float) -> str:
