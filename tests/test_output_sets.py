@@ -173,3 +173,24 @@ def test_two_live_runs_never_share_a_case_folder_for_different_inputs(tmp_path, 
         p.wait(20)
     assert sorted(names) == ["a", "a_2"]
     assert set(IMAGE_FILES)  # the layout the writer documents
+
+
+def test_an_input_without_orientation_gets_an_output_that_claims_none(tmp_path_factory):
+    """A NIfTI read with "no qform/sform: identity assumed" writes seg.nii.gz with qform/sform codes 0.
+
+    (A partial record by hand: tmp_path_factory keeps it out of the every-record-validates fixture.)"""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from medreasoner.engine.results import VolumeResult
+
+    tmp_path = tmp_path_factory.mktemp("orientation")
+    mask = sitk.GetImageFromArray(np.pad(np.ones((2, 3, 3), np.uint8), 2))
+    for repairs, want in (([], 1), (["no qform/sform: orientation unknown, identity assumed"], 0)):
+        record = {"schema_version": "1.0", "kind": "volume", "input": {"path": str(tmp_path / "v.nii"),
+                                                                         "metadata": {"repairs": repairs}}}
+        case = tmp_path / f"case{want}"
+        write_result(VolumeResult("q", "ok", "", mask, record), case, inputs=[tmp_path / "v.nii"])
+        header = nib.load(case / "seg.nii.gz").header
+        assert int(header["qform_code"]) == want and int(header["sform_code"]) == want
+        assert np.asarray(nib.load(case / "seg.nii.gz").dataobj).sum() == 18  # voxels unchanged

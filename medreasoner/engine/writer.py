@@ -141,7 +141,9 @@ def _write_volume(result: VolumeResult, out: Path, inputs: list[Path], final: Pa
     guard_outputs(list(paths.values()), inputs)
     t0 = time.perf_counter()
     name = result.query[:60]
-    write_segmentation(result.mask, paths["mask_nifti"], name=name, inputs=inputs)
+    repairs = ((result.record.get("input") or {}).get("metadata") or {}).get("repairs") or []
+    known = not any("orientation unknown" in r for r in repairs)  # never claim one the input did not have
+    write_segmentation(result.mask, paths["mask_nifti"], name=name, inputs=inputs, orientation_known=known)
     write_segmentation(result.mask, paths["mask_seg_nrrd"], name=name, inputs=inputs)
     if result.montage is not None:
         atomic_write_bytes(paths["montage"], png_bytes(result.montage))

@@ -59,8 +59,11 @@ def _slicer_fields(mask: np.ndarray, name: str, color: tuple[float, float, float
 
 def write_segmentation(mask: SimpleITK.Image, path: str | os.PathLike, *, name: str = "target",
                        color: tuple[float, float, float] = (1.0, 0.0, 0.0),
-                       inputs: Iterable[str | os.PathLike] = ()) -> Path:
+                       inputs: Iterable[str | os.PathLike] = (), orientation_known: bool = True) -> Path:
     """Write a binary mask as a uint8 labelmap; the format follows the suffix.
+
+    ``orientation_known=False`` (an input whose header had none): a NIfTI output says so too (qform and
+    sform codes 0, "unknown" in NIfTI terms) instead of claiming a scanner orientation.
 
     ``.seg.nrrd`` gets the header fields 3D Slicer reads as a segmentation with one segment named
     ``name``; ``.nii``/``.nii.gz``/``.nrrd``/``.mha`` are plain labelmaps. The file appears atomically
@@ -98,5 +101,19 @@ def write_segmentation(mask: SimpleITK.Image, path: str | os.PathLike, *, name: 
             sitk.WriteImage(labels, tmp, True)
         except RuntimeError as exc:
             raise OSError(f"could not write {out}: {_first_line(exc)}") from exc
+        if not orientation_known and suffix in (".nii", ".nii.gz"):
+            _mark_orientation_unknown(tmp)
 
     return atomic_write_with(out, write, suffix=f".tmp{suffix}")
+
+
+def _mark_orientation_unknown(path: str) -> None:
+    """Set a NIfTI file's qform/sform codes to 0 (no orientation claimed); voxels and spacing unchanged."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj)
+    header = img.header.copy()
+    header.set_qform(None, code=0)
+    header.set_sform(None, code=0)
+    nib.save(nib.Nifti1Image(data, None, header), path)
