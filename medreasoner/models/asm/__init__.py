@@ -5,14 +5,14 @@ from medreasoner.models.asm.base import ASM, SegmentResult
 
 
 def load_asm(name: str = DEFAULT_ASM, **kwargs) -> ASM:
-    from medreasoner.models.asm import litemedsam, sam2_asm  # noqa: F401 - registers the implementations
+    from medreasoner.models.asm import litemedsam, medsam, sam2_asm  # noqa: F401 - registers the implementations
     from medreasoner.models.registry import ASMS
 
     return ASMS.create(name, **kwargs)
 
 
 def asm_names() -> list[str]:
-    from medreasoner.models.asm import litemedsam, sam2_asm  # noqa: F401
+    from medreasoner.models.asm import litemedsam, medsam, sam2_asm  # noqa: F401
     from medreasoner.models.registry import ASMS
 
     return ASMS.names()
