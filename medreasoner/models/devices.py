@@ -8,9 +8,11 @@ import torch
 def resolve_device(device: str | None = "auto") -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from medreasoner.models.loading import no_cuda_message
+
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        raise ValueError(no_cuda_message(str(device), torch))  # same words as the options check
     return dev
 
 

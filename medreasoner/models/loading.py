@@ -6,9 +6,11 @@ Label app all call :func:`load_models` with a :class:`ModelOptions`; nothing els
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from medreasoner.constants import (
@@ -43,7 +45,10 @@ class ModelOptions:
     trust_remote_code: bool = False
 
     def checked(self) -> ModelOptions:
-        """Validate what can be checked without loading anything; returns self."""
+        """Validate what can be checked without loading anything; returns self.
+
+        Every front end calls this before it reads an input or loads a model, so a bad option costs
+        milliseconds, never a model load."""
         from medreasoner.models.asm import asm_names
         from medreasoner.models.registry import ASMS, CRMS
 
@@ -52,20 +57,90 @@ class ModelOptions:
 
         CRMS.check(self.crm_backend)
         ASMS.check(self.asm)
-        if not str(self.crm or "").strip():
+        crm = str(self.crm or "").strip()
+        if not crm:
             raise InputError("no CRM given: pass a checkpoint folder or hub id")
+        if self.crm_backend == "transformers" and Path(crm).expanduser().is_file():
+            # a .pt / .safetensors file is the commonest mistake; transformers' own error is pages long
+            raise InputError(f"a CRM is a folder (config.json + weights) or a hub id; {crm} is a file")
         for name in ("batch_size", "max_new_tokens"):
-            if int(getattr(self, name)) < 1:
+            if _whole(name, getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.asm_batch_size is not None and int(self.asm_batch_size) < 1:
+        if self.asm_batch_size is not None and _whole("asm_batch_size", self.asm_batch_size) < 1:
             raise InputError(f"asm_batch_size must be at least 1, got {self.asm_batch_size}")
-        if self.image_size is not None and int(self.image_size) < 28:
-            raise InputError(f"image_size must be at least 28 pixels, got {self.image_size}")
-        dev = str(self.device or "auto")
-        if dev != "auto" and not (dev == "cpu" or dev.startswith("cuda") or dev == "mps"):
-            raise InputError(f"unknown device {dev!r}; use auto, cpu, cuda or cuda:N")
+        if self.image_size is not None:
+            size = _whole("image_size", self.image_size)
+            if not MIN_CRM_IMAGE_SIZE <= size <= MAX_CRM_IMAGE_SIZE:
+                raise InputError(f"image_size must be between {MIN_CRM_IMAGE_SIZE} and {MAX_CRM_IMAGE_SIZE} pixels, "
+                                 f"got {size} ({IMAGE_SIZE_LIMITS})")
+        check_device_name(self.device)
         return self
 
+
+# The square the CRM sees. 28 = one 2x2 group of Qwen2.5-VL's 14-pixel patches (the processor rounds
+# every side to a multiple of 28 and upscales anything under min_pixels = 56x56). 3584 = the largest
+# square a Qwen2.5-VL processor keeps (max_pixels 12845056 = 3584^2 in the released 7B/3B configs);
+# anything larger is shrunk back by the processor after we had resized the image to it (a 20000-pixel
+# square is 1.2 GB as RGB and ~5 GB as the processor's float copy, for nothing).
+MIN_CRM_IMAGE_SIZE = 28
+MAX_CRM_IMAGE_SIZE = 3584
+IMAGE_SIZE_LIMITS = ("the Qwen2.5-VL processor rounds each side to a multiple of 28 and caps the area at "
+                     "max_pixels, 3584x3584 for the released checkpoints")
+
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda)(?::(\d+))?")
+
+
+def _whole(name: str, value: Any) -> int:
+    """An int option from a CLI, a config file or a request (bools and fractions are mistakes)."""
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be a whole number, got {value!r}") from exc
+    if number != value and not isinstance(value, str):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    return number
+
+
+def check_device_name(device: Any) -> str:
+    """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``; returns it stripped. Whether the machine has
+    it is :func:`check_device_present` (a bundle config may name a GPU it is parsed without)."""
+    text = str(device or "auto").strip()
+    match = _DEVICE.fullmatch(text.lower())
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def check_device_present(device: Any) -> str:
+    """The device named and present on this machine; checked before any model loads, since a
+    CPU-only machine would otherwise read the CRM's weights before failing (torch is imported
+    only when a GPU is named)."""
+    text = check_device_name(device).lower()
+    kind, index = _DEVICE.fullmatch(text).groups()  # type: ignore[union-attr] - checked just above
+    if kind not in ("cuda", "mps"):
+        return text
+    try:
+        import torch
+    except ImportError as exc:
+        raise InputError(f"device {text!r} needs torch, which is not installed") from exc
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"device {text!r}: MPS was asked for but torch sees no Apple GPU; use cpu or auto")
+        return text
+    if not torch.cuda.is_available():
+        raise InputError(no_cuda_message(text, torch))
+    count = torch.cuda.device_count()
+    if int(index or 0) >= count:
+        raise InputError(f"device {text!r}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return text
+
+
+def no_cuda_message(device: str, torch: Any) -> str:
+    """One wording for "no GPU" wherever it is found (options check, device resolution)."""
+    return (f"device {device!r}: CUDA was asked for but torch sees no GPU (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use cpu or auto")
 
 
 @dataclass

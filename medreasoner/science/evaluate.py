@@ -4,6 +4,10 @@ Each rank (RANK / WORLD_SIZE, as set by ``torchrun`` and ``accelerate launch``) 
 WORLD_SIZE-th sample and appends one JSON line per finished sample to its own shard, so a rerun
 skips what is done. Rank 0 waits for every shard's ``.done`` marker, merges them and writes
 ``summary.json``, ``table.md``, ``overlays.png`` and ``histograms.png``.
+
+Every wait is bounded and cancellable: a WORLD_SIZE without a RANK (a stray variable, not a launcher)
+is refused at once, a rank whose shard never appears is given up on after ``ABSENT_RANK_S``, and
+the whole wait after ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from medreasoner.constants import TINY_WARNING
+from medreasoner.errors import CancelledError, InputError
 from medreasoner.io.files import atomic_write_bytes, json_bytes, png_bytes
 from medreasoner.science.metrics import markdown_table, sample_metrics, summarize
 
@@ -28,8 +34,34 @@ class Shard:
     world: int = 1
 
     @classmethod
-    def from_env(cls) -> Shard:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Shard:
+        """This process's rank from RANK / WORLD_SIZE (torchrun, accelerate launch), checked: a
+        WORLD_SIZE above 1 without a RANK is a stray variable, and rank 0 would wait hours for
+        shards no process writes."""
+        env = os.environ if env is None else env
+
+        def number(name: str) -> int | None:
+            text = str(env.get(name, "")).strip()
+            if not text:
+                return None
+            try:
+                return int(text)
+            except ValueError:
+                raise InputError(f"{name}={text!r} is not a whole number; torchrun and accelerate set it, unset it "
+                                 "to evaluate in one process") from None
+
+        world, rank = number("WORLD_SIZE"), number("RANK")
+        world = 1 if world is None else world
+        if world < 1:
+            raise InputError(f"WORLD_SIZE={world} must be at least 1; unset it to evaluate in one process")
+        if world > 1 and rank is None:
+            raise InputError(f"WORLD_SIZE={world} is set but RANK is not, so no other process would write its shard "
+                             f"and this one would wait for it: unset WORLD_SIZE to evaluate in one process, or start "
+                             f"the ranks with torchrun --nproc_per_node {world} -m medreasoner evaluate ...")
+        rank = 0 if rank is None else rank
+        if not 0 <= rank < world:
+            raise InputError(f"RANK={rank} must be between 0 and WORLD_SIZE-1 = {world - 1}")
+        return cls(rank, world)
 
     def path(self, out: Path) -> Path:
         return out / "shards" / f"predictions.rank{self.rank:03d}-of-{self.world:03d}.jsonl"
@@ -84,36 +116,74 @@ def run_shard(samples, session, out: Path, shard: Shard, options=None, events=No
     finished = {r["id"] for r in previous}
     mine = [s for i, s in enumerate(samples) if i % shard.world == shard.rank]
     todo = [s for s in mine if s.id not in finished]
-    events.progress(Stage.EVALUATE, len(mine) - len(todo), len(mine))
-    bs = max(1, int(getattr(session.models.crm, "batch_size", 4)))
-    with path.open("a") as f:
-        for start in range(0, len(todo), bs):
-            if events.cancelled():
-                from medreasoner.errors import CancelledError
+    kept = len(mine) - len(todo)
 
-                raise CancelledError(f"stopped after {len(mine) - len(todo) + start} of {len(mine)} samples; "
-                                     "rerun to resume")
-            batch = todo[start:start + bs]
-            results = session.ground_images([s.image for s in batch], [s.query for s in batch], options)
-            for s, res in zip(batch, results):
-                if save_masks:
-                    atomic_write_bytes(out / "masks" / f"{s.id}.png", png_bytes(res.mask.astype(np.uint8) * 255))
-                f.write(json.dumps(record_for(s, res)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            events.progress(Stage.EVALUATE, len(mine) - len(todo) + start + len(batch), len(mine))
+    def stopped(why: str) -> CancelledError:
+        # what is on disk, exactly: the batch that was running is never written after a cancel
+        return CancelledError(f"stopped {why.removeprefix('cancelled ')}: {kept} of {len(mine)} samples are done "
+                              f"and kept in {path}; rerun to resume")
+
+    bs = max(1, int(getattr(session.models.crm, "batch_size", 4)))
+    try:
+        events.progress(Stage.EVALUATE, kept, len(mine))
+        with path.open("a") as f:
+            for start in range(0, len(todo), bs):
+                if events.cancelled():
+                    raise CancelledError("between batches")
+                batch = todo[start:start + bs]
+                results = session.ground_images([s.image for s in batch], [s.query for s in batch], options, events)
+                for s, res in zip(batch, results):
+                    if save_masks:
+                        atomic_write_bytes(out / "masks" / f"{s.id}.png", png_bytes(res.mask.astype(np.uint8) * 255))
+                    f.write(json.dumps(record_for(s, res)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                kept += len(batch)
+                events.progress(Stage.EVALUATE, kept, len(mine))
+    except CancelledError as exc:
+        raise stopped(str(exc)) from exc
     done_marker.write_text(str(len(mine)))
     return path
 
 
-def merge(out: Path, world: int, timeout_s: float = 3600.0, poll_s: float = 1.0) -> list[dict]:
-    """Rank 0: wait for all shards to finish, then return their records (unique ids, stable order)."""
-    deadline = time.monotonic() + timeout_s
+# A rank whose shard file has not appeared after this long was never started (a stray RANK/WORLD_SIZE,
+# a launcher that lost a process): rank 0 has by then loaded its models and evaluated its own share.
+ABSENT_RANK_S = 600.0
+WAIT_LOG_S = 60.0  # how often a waiting rank 0 says so
+
+
+def merge(out: Path, world: int, timeout_s: float = 3600.0, poll_s: float = 1.0, *, events=None,
+          absent_s: float = ABSENT_RANK_S) -> list[dict]:
+    """Rank 0: wait for all shards to finish, then return their records (unique ids, stable order).
+
+    The wait is bounded (``timeout_s``; ``absent_s`` for a shard that never appears: ``InputError``),
+    logged (``events.log`` every minute) and cancellable (``events.cancelled()``: ``CancelledError``)."""
+    from medreasoner.engine.events import NO_EVENTS
+
+    events = events or NO_EVENTS
+    start = time.monotonic()
     shards = [Shard(r, world).path(out) for r in range(world)]
-    while not all(p.with_suffix(".done").is_file() for p in shards):
-        if time.monotonic() > deadline:
-            missing = [p.name for p in shards if not p.with_suffix(".done").is_file()]
-            raise TimeoutError(f"shards not finished after {timeout_s:.0f} s: {missing}")
+    last_log = -WAIT_LOG_S
+    while True:
+        missing = [r for r, p in enumerate(shards) if not p.with_suffix(".done").is_file()]
+        if not missing:
+            break
+        waited = time.monotonic() - start
+        if events.cancelled():
+            raise CancelledError(f"stopped while rank 0 waited for rank(s) {missing}: this rank's samples are kept in "
+                                 f"{shards[0]}; rerun to resume")
+        absent = [r for r in missing if not shards[r].is_file()]
+        if absent and waited > min(absent_s, timeout_s):
+            raise InputError(f"rank(s) {absent} never started: no shard in {out / 'shards'} after {waited:.0f} s "
+                             f"(were all {world} processes launched, e.g. torchrun --nproc_per_node {world}?); "
+                             "rerun to resume")
+        if waited > timeout_s:
+            raise InputError(f"rank(s) {missing} did not finish their shards within --merge-timeout {timeout_s:.0f} s; "
+                             "rerun to resume")
+        if waited - last_log >= WAIT_LOG_S:
+            last_log = waited
+            events.log(f"rank 0 is waiting for the shards of rank(s) {missing} ({waited:.0f} s of at most "
+                       f"{timeout_s:.0f} s)", "info")
         time.sleep(poll_s)
     seen, records = set(), []
     for p in shards:

@@ -220,17 +220,30 @@ def model_options(crm: str, crm_backend: str = "transformers", base_url: str | N
         raise fail(f"bad model option: {exc}", EXIT_INPUT) from exc
 
 
+def output_dir_option(value: Any) -> Path:
+    """``output_dir``, checked where the bundle checks its other options, before any model loads: the
+    core CLI's check (a file in the way, a name too long, a folder not writable: exit 2). Creates nothing."""
+    from medreasoner.cli import check_output_dir
+    from medreasoner.errors import InputError
+
+    try:
+        return check_output_dir(str(_text(value) or "eval"), option="output_dir").absolute()
+    except InputError as exc:
+        raise fail(f"bad output_dir: {exc}", EXIT_INPUT) from exc
+
+
 def run_options(prompt: str = "reasoning", strategy: str = "keyslice", axis: str = "axial", window: Any = None,
                 slice_range: Any = None, key_slice: Any = None, n_candidates: int = 5, keep_largest: bool = True):
-    """The core's ``RunOptions`` from config values (checked before anything loads)."""
+    """The core's ``RunOptions`` from config values (checked before anything loads, as the CLI checks them)."""
+    from medreasoner.cli import check_strategy_options
     from medreasoner.engine import RunOptions
     from medreasoner.errors import InputError
 
     try:
-        return RunOptions(prompt=str(prompt), strategy=str(strategy), axis=str(axis), window=window_option(window),
-                          slice_range=slice_range_option(slice_range),
-                          key_slice=None if _optional(key_slice) is None else int(key_slice),
-                          n_candidates=int(n_candidates), keep_largest=bool(keep_largest)).checked()
+        return check_strategy_options(RunOptions(
+            prompt=str(prompt), strategy=str(strategy), axis=str(axis), window=window_option(window),
+            slice_range=slice_range_option(slice_range), key_slice=None if _optional(key_slice) is None else int(key_slice),
+            n_candidates=int(n_candidates), keep_largest=bool(keep_largest)).checked())
     except (InputError, TypeError, ValueError) as exc:
         raise fail(f"bad option: {exc}", EXIT_INPUT) from exc
 

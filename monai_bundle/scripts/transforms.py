@@ -90,8 +90,11 @@ class SaveResultd(MapTransform):
                  meta_key_postfix: str = "meta_dict", summary_key: str = "summary", allow_missing_keys: bool = False):
         from medreasoner.engine import StemAllocator
 
+        from .inference import output_dir_option
+
         super().__init__(keys, allow_missing_keys)
-        self.output_dir = Path(str(output_dir)).expanduser().absolute()
+        # built when the evaluator is, before SessionLoader loads the models: a bad folder costs no load
+        self.output_dir = output_dir_option(output_dir)
         self.image_key, self.meta_key_postfix, self.summary_key = image_key, meta_key_postfix, summary_key
         self._stems = StemAllocator()
 

@@ -27,6 +27,82 @@ from medreasoner.models.registry import CRMS
 
 log = logging.getLogger(__name__)
 
+# What a local checkpoint folder needs; checked before transformers touches it, because with a file
+# missing transformers either fails pages deep (truncated weights: a raw SafetensorError) or, worse,
+# loads and runs (no tokenizer.json: an empty tokenizer that answers "" to every question).
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZERS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+_PROCESSORS = ("preprocessor_config.json", "processor_config.json")
+_TEMPLATES = ("chat_template.jinja", "chat_template.json")
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"CRM file {path} is unreadable or not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"CRM file {path} must hold a JSON object")
+    return data
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header and size agree (a copy cut short, a download still running, a Git LFS pointer)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise ModelLoadError(f"CRM weights {path} are not a safetensors file ({size} bytes; truncated, "
+                                 "or a Git LFS pointer?)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise ModelLoadError(f"CRM weights {path} have a damaged safetensors header") from exc
+    if 8 + n + end != size:
+        raise ModelLoadError(f"CRM weights {path} are truncated or damaged: the header describes {8 + n + end} "
+                             f"bytes, the file has {size}")
+
+
+def check_checkpoint_files(folder: str | Path) -> None:
+    """Refuse a local checkpoint folder that cannot work, naming the missing or damaged file
+    (``ModelLoadError``, exit 3). Reads only small files and safetensors headers."""
+    root = Path(folder).expanduser()
+    config = root / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"CRM folder {root} has no config.json (is it a Hugging Face checkpoint folder?)")
+    if "model_type" not in _json_file(config):
+        raise ModelLoadError(f"CRM file {config} has no model_type")
+    weights = next((root / w for w in _WEIGHTS if (root / w).is_file()), None)
+    if weights is None:
+        raise ModelLoadError(f"CRM folder {root} has no weights (one of {', '.join(_WEIGHTS)})")
+    shards = [weights]
+    if weights.name.endswith(".index.json"):
+        weight_map = _json_file(weights).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"CRM file {weights} has no weight_map")
+        shards = [root / name for name in sorted(set(map(str, weight_map.values())))]
+        missing = [p.name for p in shards if not p.is_file()]
+        if missing:
+            raise ModelLoadError(f"CRM folder {root} lacks weight shard(s) listed in {weights.name}: "
+                                 f"{', '.join(missing[:3])}" + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
+    for shard in shards:
+        if shard.suffix == ".safetensors":
+            _check_safetensors(shard)
+        elif shard.stat().st_size == 0:
+            raise ModelLoadError(f"CRM weights {shard} are empty")
+    if not any(all((root / f).is_file() for f in group) for group in _TOKENIZERS):
+        raise ModelLoadError(f"CRM folder {root} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    processor = next((root / f for f in _PROCESSORS if (root / f).is_file()), None)
+    if processor is None:
+        raise ModelLoadError(f"CRM folder {root} has no image processor config ({' or '.join(_PROCESSORS)})")
+    configs = [processor] + [root / "tokenizer_config.json"] * (root / "tokenizer_config.json").is_file()
+    if not any((root / f).is_file() for f in _TEMPLATES) and not any("chat_template" in _json_file(c)
+                                                                     for c in configs):
+        raise ModelLoadError(f"CRM folder {root} has no chat template ({' or '.join(_TEMPLATES)}, or "
+                             "chat_template in tokenizer_config.json)")
 
 
 def _read_sidecar(path: str) -> dict[str, Any]:
@@ -53,12 +129,18 @@ class QwenVLCRM(CRM):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
     ):
+        self.model_id = str(model)
+        local = Path(self.model_id).expanduser()
+        if not local.exists() and (self.model_id.startswith((".", "/", "~")) or self.model_id.count("/") != 1):
+            raise ModelLoadError(f"CRM folder not found: {self.model_id}")
+        if local.is_dir():
+            check_checkpoint_files(local)  # before torch/transformers import, and before a byte of weights is read
+
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from medreasoner.models.devices import default_dtype, resolve_device
 
-        self.model_id = str(model)
         self.device = resolve_device(device)
         self.dtype = default_dtype(self.device, dtype)
         self.generation = generation or GenerationConfig()
@@ -68,9 +150,6 @@ class QwenVLCRM(CRM):
         if image_size == "auto":
             image_size = sidecar.get("image_size", DEFAULT_IMAGE_SIZE)
         self.image_size = image_size
-        local = Path(self.model_id).expanduser()
-        if not local.exists() and (self.model_id.startswith((".", "/", "~")) or self.model_id.count("/") != 1):
-            raise ModelLoadError(f"CRM folder not found: {self.model_id}")
         kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -78,18 +157,35 @@ class QwenVLCRM(CRM):
             self.processor = AutoProcessor.from_pretrained(
                 self.model_id, padding_side="left", trust_remote_code=trust_remote_code
             )
+            self._check_image_size()
             self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kwargs)
-        except (OSError, ValueError) as exc:
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any load failure (safetensors, config, imports) is a model error
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = "" if local.exists() else (
                 " It is not a local folder, and the hub could not provide it (offline?). "
                 "Download it once (huggingface-cli download ID --local-dir DIR) and pass the folder."
             )
-            raise ModelLoadError(f"could not load CRM {self.model_id!r}: {exc}.{hint}") from exc
+            raise ModelLoadError(f"could not load CRM {self.model_id!r}: {first}.{hint}") from exc
         self.model.to(self.device).eval()
         self.processor.tokenizer.padding_side = "left"  # batched decoding needs left padding
         self._torch = torch
         if self.is_tiny:
             log.warning("CRM %s is a TINY TEST MODEL: its answers are meaningless", self.model_id)
+
+    def _check_image_size(self) -> None:
+        """Warn when the requested square is above this checkpoint's processor cap: the processor
+        shrinks it back, so the model sees less than was asked for (coordinates stay exact)."""
+        if not isinstance(self.image_size, int):
+            return
+        proc = getattr(self.processor, "image_processor", None)
+        size = getattr(proc, "size", None)  # a dict in older transformers, a SizeDict in newer ones
+        cap = getattr(proc, "max_pixels", None) or (size.get("longest_edge") if isinstance(size, dict)
+                                                    else getattr(size, "longest_edge", None))
+        if cap and self.image_size ** 2 > int(cap):
+            log.warning("image size %d is above this checkpoint's processor limit (max_pixels %d, about %dx%d): "
+                        "the model sees the smaller image", self.image_size, int(cap), int(cap ** 0.5), int(cap ** 0.5))
 
     def extra_description(self) -> dict[str, Any]:
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
