@@ -391,9 +391,6 @@ def model_options(args, device: str | None = None):
 
 def check_strategy_options(options, *, candidates_given: bool = False):
     """Refuse volume options the chosen strategy would silently ignore (the CLI and the bundle)."""
-    if options.strategy == "slicewise" and options.key_slice is not None:
-        raise InputError("--key-slice only applies to --strategy keyslice (slicewise asks the CRM about every "
-                         "slice); drop one of them")
     if candidates_given and options.strategy == "slicewise":
         raise InputError("--candidates only applies to --strategy keyslice; drop one of them")
     if candidates_given and options.key_slice is not None:
@@ -480,8 +477,10 @@ def _rank_device(device: str) -> str:
 def _run_and_report(cases, args, checked: Checked) -> int:
     """Load the models (inputs and options were checked already), run every case, print a summary."""
     from medreasoner.engine import Session, exit_code, load_models, run_cases
+    from medreasoner.engine.batch import check_case_dirs
 
     interrupts, out = checked.interrupts, checked.out
+    check_case_dirs(cases, out, args.overwrite)  # a folder it may not replace: refused before the models load
     interrupts.phase = "loading the models"
     session = Session(load_models(checked.model_options))
     events = _events(args.progress, interrupts.cancel)

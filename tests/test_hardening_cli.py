@@ -330,7 +330,7 @@ class TestBundleOutputDir:
     def test_key_slice_with_slicewise_is_refused(self, bundle_scripts, caplog):
         with pytest.raises(SystemExit) as exc:
             bundle_scripts.run_options(strategy="slicewise", key_slice=3)
-        assert exc.value.code == EXIT_INPUT and "only applies to --strategy keyslice" in caplog.text
+        assert exc.value.code == EXIT_INPUT and "only applies to the keyslice strategy" in caplog.text
 
     @pytest.mark.slow  # imports MONAI in a subprocess
     def test_bundle_run_exits_2_before_models_load(self, tmp_path, inputs):
@@ -408,7 +408,7 @@ class TestModelOptions:
                 ModelOptions(crm="x/y", image_size=bad).checked()
 
     @pytest.mark.parametrize("extra,message", [
-        (["--strategy", "slicewise", "--key-slice", "3"], "--key-slice only applies to --strategy keyslice"),
+        (["--strategy", "slicewise", "--key-slice", "3"], "key slice only applies to the keyslice strategy"),
         (["--strategy", "slicewise", "--candidates", "2"], "--candidates only applies to --strategy keyslice"),
         (["--key-slice", "3", "--candidates", "2"], "--candidates has no effect with --key-slice"),
         (["--strategy", "magic"], "unknown strategy 'magic'"),

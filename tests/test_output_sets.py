@@ -194,3 +194,25 @@ def test_an_input_without_orientation_gets_an_output_that_claims_none(tmp_path_f
         header = nib.load(case / "seg.nii.gz").header
         assert int(header["qform_code"]) == want and int(header["sform_code"]) == want
         assert np.asarray(nib.load(case / "seg.nii.gz").dataobj).sum() == 18  # voxels unchanged
+
+
+def test_the_cli_refuses_a_foreign_case_folder_before_models_load(tmp_path, inputs):
+    from medreasoner.engine.batch import Case, check_case_dirs
+
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "notes.txt").write_text("mine")
+    cases = [Case(str(inputs / "d1" / "a.png"), "q")]
+    with pytest.raises(InputError, match="did not write it"):
+        check_case_dirs(cases, out)
+    check_case_dirs(cases, out, overwrite=True)
+    check_case_dirs(cases, tmp_path / "new")  # a folder that does not exist yet is not created by the check
+    assert not (tmp_path / "new").exists() and not (out / WORK_AREA).exists()
+
+
+def test_a_key_slice_with_every_slice_is_refused_for_every_front_end():
+    from medreasoner.engine.session import RunOptions
+
+    for change in ({"key_slice": 3}, {"key_point": [0.0, 0.0, 0.0]}):
+        with pytest.raises(InputError, match="only applies to the keyslice strategy"):
+            RunOptions(strategy="slicewise", **change).checked()

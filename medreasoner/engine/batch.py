@@ -63,6 +63,24 @@ def run_cases(session: Session, cases: Sequence[Case], out_dir: str | Path, opti
     options = (options or RunOptions()).checked()
     events = events or NO_EVENTS
     out = Path(out_dir)
+    stems, dirs = _claim_case_dirs(cases, out, overwrite)
+    try:
+        return _run(session, cases, out, dirs, options, events, overwrite)
+    finally:
+        stems.release()
+
+
+def check_case_dirs(cases: Sequence[Case], out_dir: str | Path, overwrite: bool = False) -> None:
+    """What :func:`run_cases` refuses about the output folders, checked before any model loads (the CLI)."""
+    out = Path(out_dir)
+    if not out.exists():  # nothing there to clobber; and a refused run must not leave a folder behind
+        check_output_root(out, [Path(p) for p in map(_source_path, (c.source for c in cases)) if p and Path(p).is_dir()])
+        return
+    stems, _ = _claim_case_dirs(cases, out, overwrite)
+    stems.release()
+
+
+def _claim_case_dirs(cases: Sequence[Case], out: Path, overwrite: bool) -> tuple[StemAllocator, list[Path]]:
     check_output_root(out, [Path(p) for p in map(_source_path, (c.source for c in cases)) if p and Path(p).is_dir()])
     stems = StemAllocator(root=out)  # names no other input's results and no other live run holds
     try:
@@ -70,9 +88,10 @@ def run_cases(session: Session, cases: Sequence[Case], out_dir: str | Path, opti
         for case, case_dir in zip(cases, dirs):
             src = _source_path(case.source)
             check_replaceable(case_dir, src, [Path(src)] if src else [], overwrite)
-        return _run(session, cases, out, dirs, options, events, overwrite)
-    finally:
+    except BaseException:
         stems.release()
+        raise
+    return stems, dirs
 
 
 def _run(session: Session, cases: Sequence[Case], out: Path, dirs: list[Path], options: RunOptions,

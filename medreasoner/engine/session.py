@@ -82,6 +82,10 @@ class RunOptions:
                 raise InputError(f"key slice must be a slice number, got {self.key_slice!r}") from exc
             if self.key_slice < 0:
                 raise InputError(f"key slice must be 0 or more, got {self.key_slice}")
+        if self.strategy == "slicewise" and (self.key_slice is not None or self.key_point is not None):
+            # it would be silently ignored: every slice is asked about
+            raise InputError("a key slice only applies to the keyslice strategy (slicewise asks the CRM about "
+                             "every slice); drop one of them")
         if self.key_point is not None:
             if self.key_slice is not None:
                 raise InputError("give a key slice or a key point, not both")

@@ -22,6 +22,8 @@ def model_fingerprint(path: str) -> str | None:
     """sha256 of a weights file; for a checkpoint folder, sha256 over its small files' contents and
     its large files' names and sizes (hashing 15 GB of shards on every load would take minutes).
     None when ``path`` is not local (a hub id that was never downloaded)."""
+    if not str(path or "").strip():
+        return None  # no weights named (a test double, a built-in model): never the current folder
     p = Path(path).expanduser()
     if p.is_file():
         return "sha256:" + file_sha256(p)
