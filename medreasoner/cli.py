@@ -446,6 +446,10 @@ def preflight(args, interrupts: Interrupts) -> Checked:
         from medreasoner.science.evaluate import Shard
 
         checked.shard = Shard.from_env()
+        if Path(args.data).is_dir():  # its masks/ would be overwritten by ours
+            from medreasoner.engine.output_sets import check_output_root
+
+            check_output_root(checked.out, [Path(args.data)])
         if not args.merge_timeout > 0:
             raise InputError(f"--merge-timeout must be more than 0 seconds, got {args.merge_timeout}")
         if args.limit is not None and args.limit < 1:

@@ -244,6 +244,15 @@ class TestOutputPaths:
         assert main(_command(command, inputs, "/sys/medreasoner_out")) == EXIT_INPUT
         _one_line_error(capsys.readouterr().err, "cannot write --out /sys/medreasoner_out", "not writable")
 
+    def test_evaluate_out_inside_the_dataset_folder_is_refused(self, tmp_path, inputs, no_model_loads, capsys):
+        """evaluate writes OUT/masks/<id>.png: --out equal to a folder dataset would overwrite its masks."""
+        before = _files(tmp_path)
+        for out in (inputs, inputs / "results"):
+            args = ["evaluate", "--data", str(inputs), "--out", str(out), *MODEL]
+            assert main(args) == EXIT_INPUT
+            _one_line_error(capsys.readouterr().err, "inside the input folder")
+        assert _files(tmp_path) == before
+
     def test_existing_file_message(self, tmp_path, inputs, no_model_loads, capsys):
         afile = tmp_path / "afile"
         afile.write_text("x")
