@@ -65,12 +65,16 @@ def write_phantom(path: Path, seed: int = 0) -> Path:
 
 
 def write_png(path: Path, uniform: bool = False) -> Path:
+    """A bright ellipse; ``uniform``: flat but for one bright pixel, too small a region for the CRM double
+    to answer about (a blank image is refused as input, not answered with no target)."""
     from PIL import Image
 
     h, w = 56, 64
     y, x = np.ogrid[0:h, 0:w]
     a = np.full((h, w), 90, np.uint8)
-    if not uniform:
+    if uniform:
+        a[10, 10] = 240
+    else:
         a[(((y - 20) / 9) ** 2 + ((x - 40) / 11) ** 2) <= 1] = 240
     Image.fromarray(a).save(path)
     return path
