@@ -45,6 +45,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asm", default="litemedsam", help="ASM name: litemedsam, medsam2, sam2 (default litemedsam)")
     p.add_argument("--asm-checkpoint", default=None, help="ASM weights: a file, or hub 'repo:file'")
     p.add_argument("--prompt", choices=["reasoning", "direct"], default="reasoning")
+    p.add_argument("--prompt-file", default=None,
+                   help="prompt template file (UTF-8, {question} where the question goes) replacing the "
+                        "checkpoint's sidecar template and --prompt; README 'Prompt templates'")
     p.add_argument("--image-size", type=int, default=None,
                    help="square side the CRM sees (default: the checkpoint's, 840 for MedReasoner)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
@@ -106,7 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds rank 0 waits for the other ranks' shards (a rank whose shard never appears "
                         "is given up on after 10 minutes)")
     e.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
+    e.add_argument("--protocol", choices=["robust", "reference"], default="robust",
+                   help="robust (default): this project's answer parser and its repairs; reference: the public "
+                        "reference evaluation's strict rules, and by default its settings (--asm medsam2 at "
+                        "--asm-image-size 1024, --asm-precision fp32, --max-new-tokens 2048; each overridable)")
+    e.add_argument("--asm-image-size", type=int, default=None,
+                   help="medsam2/sam2: the ASM's input size (default: 1024 with --protocol reference, else its own)")
+    e.add_argument("--asm-precision", choices=["fp32", "auto"], default=None,
+                   help="medsam2/sam2: fp32, or auto = bf16 autocast on CUDA (default: fp32 with --protocol "
+                        "reference, else auto)")
     _add_model_args(e)
+    # --asm and --max-new-tokens default to what --protocol picks (cmd_evaluate resolves them): these marked
+    # defaults tell "not given" from "given the default value"
+    e.set_defaults(**{name: type("ProtocolDefault", (type(value),), {"protocol_default": True})(value)
+                      for name, value in (("asm", "litemedsam"), ("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))})
 
     b = sub.add_parser("build-dataset", help="write a U-MRG-format parquet from your own labelled 2D or 3D data")
     b.add_argument("--out", required=True, help="parquet file to write")
@@ -384,7 +400,8 @@ def model_options(args, device: str | None = None):
                            asm_checkpoint=args.asm_checkpoint, device=device or args.device,
                            image_size=args.image_size, batch_size=args.batch_size,
                            asm_batch_size=args.asm_batch_size, max_new_tokens=args.max_new_tokens,
-                           trust_remote_code=args.trust_remote_code).checked()
+                           trust_remote_code=args.trust_remote_code,
+                           prompt_file=getattr(args, "prompt_file", None)).checked()
     check_device_present(options.device)
     return options
 
@@ -528,20 +545,45 @@ def cmd_segment_volume(args, checked: Checked) -> int:
 
 
 def cmd_evaluate(args, checked: Checked) -> int:
+    import dataclasses
+
     from medreasoner.data import load_samples
     from medreasoner.engine import Session, load_models
+    from medreasoner.errors import ModelLoadError
+    from medreasoner.science import evaluate as ev
     from medreasoner.science.evaluate import merge, run_shard, write_reports
 
     interrupts, shard, out = checked.interrupts, checked.shard, checked.out
+
+    def given(value):  # None when the protocol chooses (the value is the marked parser default)
+        return None if getattr(value, "protocol_default", False) else value
+
+    settings = ev.protocol_settings(args.protocol, asm=given(args.asm), asm_image_size=args.asm_image_size,
+                                    asm_precision=args.asm_precision, max_new_tokens=given(args.max_new_tokens))
+    options = dataclasses.replace(checked.model_options, asm=str(settings["asm"]),
+                                  max_new_tokens=int(settings["max_new_tokens"])).checked()
+    ev.check_resume(out, shard, settings["protocol"])
+    _say(args, ev.describe_settings(settings))
+    for difference in settings.get("differs_from_reference", []):
+        _say(args, f"this run differs from the reference evaluation: {difference}", "warning")
     interrupts.phase = "reading the samples"
     samples = load_samples(args.data, split=args.split, limit=args.limit)
     interrupts.phase = "loading the models"
-    session = Session(load_models(checked.model_options), embedding_cache_mb=0)  # every sample is a new image
+    asm = None
+    if ev.needs_protocol_asm(settings):
+        try:
+            asm = ev.build_protocol_asm(settings, checkpoint=args.asm_checkpoint, device=options.device,
+                                        batch_size=options.asm_batch_size, config_dir=out / "asm_config")
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise ModelLoadError(f"could not load the ASM {settings['asm']!r}: {exc}") from exc
+    session = Session(load_models(options, asm=asm), embedding_cache_mb=0)  # every sample is a new image
     events = _events(args.progress, interrupts.cancel)
     interrupts.kept = lambda: f"finished samples are kept in {shard.path(out)}; rerun the same command to resume"
     try:
         with interrupts.between_batches("the evaluation"):
-            run_shard(samples, session, out, shard, checked.run_options, events)
+            run_shard(samples, session, out, shard, checked.run_options, events, protocol=settings["protocol"])
             if shard.rank != 0:
                 return EXIT_OK
             records = merge(out, shard.world, timeout_s=args.merge_timeout, events=events)
@@ -555,10 +597,12 @@ def cmd_evaluate(args, checked: Checked) -> int:
         events.close()
     interrupts.phase, interrupts.kept = "writing the reports", lambda: "rerun the same command to write them"
     crm, asm = session.models.crm, session.models.asm
-    run_info = {"data": args.data, "split": args.split, "prompt": args.prompt, "crm": crm.describe(),
-                "asm": asm.describe(), "world_size": shard.world, "samples": len(records)}
-    title = f"{Path(args.crm).name} + {asm.name} on {Path(args.data).name}/{args.split} ({args.prompt} prompt)"
-    summary = write_reports(records, {s.id: s for s in samples}, out, title, run_info)
+    run_info = {"data": args.data, "split": args.split, "prompt": args.prompt, "protocol": settings["protocol"],
+                "crm": crm.describe(), "asm": asm.describe(), "world_size": shard.world, "samples": len(records)}
+    title = (f"{Path(args.crm).name} + {asm.name} on {Path(args.data).name}/{args.split} ({args.prompt} prompt, "
+             f"{settings['protocol']} protocol)")
+    summary = write_reports(records, {s.id: s for s in samples}, out, title, run_info,
+                            protocol=settings["protocol"], protocol_settings=settings)
     print((out / "table.md").read_text())
     if session.models.is_tiny:
         _say(args, "TINY TEST MODEL in this run: the numbers are meaningless.", "warning")

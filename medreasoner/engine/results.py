@@ -36,8 +36,10 @@ class ImageResult:
     model_input_size: tuple[int, int]
     crm: dict[str, Any]
     asm: dict[str, Any]
-    prompt: str
+    prompt: str  # reasoning | direct | file (a template replaced the built-in wording)
     asm_prompt: str | None = None
+    prompt_sha256: str | None = None  # of the template text as used (medreasoner.models.prompts)
+    prompt_source: str | None = None  # builtin:NAME | file:PATH | checkpoint:PATH
     message: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -57,6 +59,8 @@ class ImageResult:
 
     def to_record(self) -> dict[str, Any]:
         a = self.answer
+        prompt = {k: v for k, v in (("prompt_sha256", self.prompt_sha256), ("prompt_source", self.prompt_source))
+                  if v is not None}
         return {
             "schema_version": RESULT_SCHEMA_VERSION,
             "kind": self.kind,
@@ -77,6 +81,7 @@ class ImageResult:
             "image_size": list(self.image_size),
             "model_input_size": list(self.model_input_size),
             "prompt": self.prompt,
+            **prompt,
             "crm": self.crm,
             "asm": self.asm,
             "input": self.input,

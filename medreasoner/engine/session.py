@@ -34,6 +34,7 @@ from medreasoner.errors import InputError
 from medreasoner.imaging.display import AXES
 from medreasoner.models.answer import AnswerStatus
 from medreasoner.models.loading import Models
+from medreasoner.models.prompts import prompt_record
 
 PROMPTS = ("reasoning", "direct")
 
@@ -289,6 +290,7 @@ class Session:
         asked = self._ask(frames, queries, options.prompt, run, Stage.GROUND,
                           max(1, int(getattr(self.models.crm, "batch_size", 4))))
         crm_desc, asm_desc = self.models.crm.describe(), self.models.asm.describe()
+        prompt = prompt_record(self.models.crm, options.prompt)  # what the CRM asked with, and its sha256
         results = []
         for im, q, (a, seg) in zip(loaded, queries, asked):
             h, w = im.rgb.shape[:2]
@@ -305,7 +307,8 @@ class Session:
             results.append(ImageResult(
                 query=q, status=status, answer=a.answer, mask=mask, mask_score=seg.score if seg else None,
                 completion=a.text, image_size=(w, h), model_input_size=(a.resize.model_w, a.resize.model_h),
-                crm=crm_desc, asm=asm_desc, prompt=options.prompt, asm_prompt=seg.prompt if seg else None,
+                crm=crm_desc, asm=asm_desc, prompt=prompt["prompt"], prompt_sha256=prompt["prompt_sha256"],
+                prompt_source=prompt["prompt_source"], asm_prompt=seg.prompt if seg else None,
                 message=message, timings={"crm": a.seconds, **(seg.timings if seg else {})}, warnings=warnings,
                 input={"path": im.path, "intensity": im.intensity, "metadata": im.metadata},
                 counts=dict(run.counts), rgb=im.rgb,
@@ -384,7 +387,7 @@ class Session:
             "key_slice": chosen,
             "key_slice_volume_index": None if chosen is None else stack.index_in_volume(chosen),
             **self._physical(stack, chosen, key_report),
-            "strategy": options.strategy, "axis": options.axis, "prompt": options.prompt,
+            "strategy": options.strategy, "axis": options.axis, **prompt_record(self.models.crm, options.prompt),
             "window": {"requested": _jsonable(options.window), "low": low, "high": high,
                        "chosen": None if win is None else [win.center, win.width],
                        "policy": "user" if options.window is not None else ("query keywords (CT)" if win else

@@ -4,6 +4,9 @@ Tolerant of what real models emit (single-quoted or Python-literal JSON, code fe
 the tags, a missing closing tag, ``bbox_2d``/``point_2d`` keys, a list of objects, numbers as
 strings); strict about what it returns. Safe repairs are applied and listed in ``repairs``.
 ``parse_completion`` never raises on model output.
+
+``parse_answer_reference`` is the other reading: the public reference evaluation's strict rules with
+no repairs (``evaluate --protocol reference``), so its table can be reproduced.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
+
+import numpy as np
 
 from medreasoner.imaging import geometry
 
@@ -261,3 +266,163 @@ def _parse(text: Any, image_size: tuple[int, int] | None) -> ParsedAnswer:
     else:
         status = AnswerStatus.OK
     return ParsedAnswer(status, think, box, points, repairs, "; ".join(problems), raw)
+
+
+# -- the reference evaluation's strict extraction -----------------------------------------------------
+#
+# What PRIS-CV/MedReasoner's eval/utils.py (extract_think_bbox_points) and eval/eval.py accept, with no
+# repairs: the first "<answer>" that is followed (after optional white space) by "{", up to the shortest
+# "}" that is followed (after optional white space) by "</answer>"; case-sensitive tags; every single
+# quote turned into a double quote; the first JSON value decoded with json's raw_decode (trailing text
+# ignored); the keys exactly "bbox", "points_1", "points_2". A sample fails when any of that raises, or
+# when the reference's IoU / pDice arithmetic raises on the values (a missing key, strings, wrong
+# lengths); then every metric of the sample is 0. Values are never reordered, clipped or converted.
+
+_REF_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_REF_ANSWER_RE = re.compile(r"<answer>\s*(\{.*?\})\s*</answer>", re.DOTALL)
+REFERENCE_THINK_FAILED = "error"  # the think text the reference stores for a failed sample
+
+
+@dataclass
+class ReferenceAnswer:
+    """A completion read by the reference evaluation's rules: raw JSON values, or a failure."""
+
+    failure: str | None  # why the reference would score this sample as a failure; None when it scores it
+    think: str | None = None  # the <think> text (None without one), as the reference keeps it
+    box: Any = None  # the raw "bbox" value (not reordered, clipped or converted)
+    points: list[Any] | None = None  # [raw "points_1", raw "points_2"]
+    notes: list[str] = field(default_factory=list)  # what the robust parser would have treated differently
+    raw: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def asm_prompt(self) -> tuple[tuple[float, ...], list[tuple[float, float]]] | None:
+        """(box, [p1, p2]) as the reference's statistic.py gives them to the ASM, or None when its
+        SAM2 call raises (a failure; points that are not two (x, y) pairs). Labels are [1, 1]."""
+        if not self.ok:
+            return None
+        pts = _float_array(self.points)
+        if pts is None or pts.shape != (2, 2):
+            return None
+        return tuple(float(v) for v in self.box), [(float(x), float(y)) for x, y in pts]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "failure": self.failure, "think": self.think, "box": _plain(self.box),
+                "points": _plain(self.points), "notes": list(self.notes)}
+
+
+def _float_array(value: Any) -> np.ndarray | None:
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy of a decoded value (NaN/Infinity become strings, so records stay valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def reference_disc(p1: Any, p2: Any) -> tuple[Any, Any, Any]:
+    """(cx, cy, r) of the disc spanned by two key points, with the reference's numpy arithmetic
+    (``np.array([p1, p2])``, centre = half sums of the first two coordinates, r = half the norm of
+    the difference). Raises exactly where the reference raises (None, strings, ragged or flat values);
+    odd shapes it accepts (e.g. each point given as [[x, y], [x, y]]) give what it computes."""
+    arr = np.array([p1, p2])
+    a, b = arr[0], arr[1]
+    cx = (a[0] + b[0]) / 2
+    cy = (a[1] + b[1]) / 2
+    r = np.linalg.norm(np.array(a) - np.array(b)) / 2
+    return cx, cy, r
+
+
+def _reference_box_problem(box: Any) -> str | None:
+    if box is None:
+        return "no 'bbox' key"
+    if not isinstance(box, list) or len(box) != 4:
+        return f"'bbox' is not a list of 4 values: {_short(box)}"
+    if not all(isinstance(v, (int, float)) for v in box):  # bool is an int, as in the reference
+        return f"'bbox' holds a value that is not a JSON number: {_short(box)}"
+    return None
+
+
+def _short(value: Any, n: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def parse_answer_reference(text: Any, image_size: tuple[int, int] | None = None, *,
+                           think: bool = True) -> ReferenceAnswer:
+    """Read a completion by the reference evaluation's rules (module comment above); never raises.
+
+    ``image_size`` = (width, height) only adds ``notes`` (inverted, zero-area or outside boxes are
+    scored as given). ``think=False`` is the reference's direct-prompt mode (think text "")."""
+    raw = text if isinstance(text, str) else ("" if text is None else str(text))
+    if think:
+        tm = _REF_THINK_RE.search(raw)
+        think_text = tm.group(1).strip() if tm else None
+    else:
+        think_text = ""
+    m = _REF_ANSWER_RE.search(raw)
+    if m is None:
+        return ReferenceAnswer("no '<answer>{...}</answer>' block (case-sensitive tags, the object right after "
+                               "<answer> and right before </answer>)", think_text, raw=raw)
+    body = m.group(1).strip().replace("'", '"')
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(body)
+    except ValueError as exc:
+        return ReferenceAnswer(f"the answer is not JSON after swapping quotes ({exc})", think_text, raw=raw)
+    if not isinstance(obj, dict):  # cannot happen for text starting with "{"; kept for safety
+        return ReferenceAnswer("the answer is not a JSON object", think_text, raw=raw)
+    box, points = obj.get("bbox"), [obj.get("points_1"), obj.get("points_2")]
+    out = ReferenceAnswer(None, think_text, box, points, raw=raw)
+    problem = _reference_box_problem(box)
+    if problem is None:
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reference_disc(*points)
+        except Exception as exc:  # noqa: BLE001 - the reference's arithmetic raised: a failure
+            missing = [k for k, v in zip(("points_1", "points_2"), points) if v is None]
+            problem = (f"no {' or '.join(repr(k) for k in missing)} key" if missing else
+                       f"the key points are not usable by the reference's pDice ({type(exc).__name__}: {exc})")
+    if problem is not None:
+        out.failure = problem
+        return out
+    out.notes = _reference_notes(box, points, image_size)
+    return out
+
+
+def _reference_notes(box: list, points: list, image_size: tuple[int, int] | None) -> list[str]:
+    notes = []
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if any(isinstance(v, bool) for v in box):
+        notes.append("booleans in 'bbox' are used as 0/1")
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        notes.append("non-finite value in 'bbox'")
+    elif x2 < x1 or y2 < y1:
+        notes.append("inverted corners kept as given (the reference's IoU is 0)")
+    elif (x2 - x1) * (y2 - y1) == 0:
+        notes.append("zero-area box kept as given (IoU 0)")
+    elif image_size is not None:
+        w, h = image_size
+        if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+            notes.append(f"box entirely outside the {w}x{h} image, scored as given")
+        elif x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+            notes.append(f"box partly outside the {w}x{h} image, not clipped")
+    pts = _float_array(points)
+    shape = None if pts is None else pts.shape
+    if shape != (2, 2):
+        notes.append(f"key points of shape {shape} (the reference's pDice uses them as numpy arrays; its SAM2 "
+                     "call fails, so Dice is 0)")
+    return notes

@@ -43,6 +43,8 @@ class ModelOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     trust_remote_code: bool = False
+    # a prompt template file ({question} where the question goes); beats the checkpoint's sidecar and --prompt
+    prompt_file: str | None = None
 
     def checked(self) -> ModelOptions:
         """Validate what can be checked without loading anything; returns self.
@@ -74,7 +76,17 @@ class ModelOptions:
                 raise InputError(f"image_size must be between {MIN_CRM_IMAGE_SIZE} and {MAX_CRM_IMAGE_SIZE} pixels, "
                                  f"got {size} ({IMAGE_SIZE_LIMITS})")
         check_device_name(self.device)
+        if self.prompt_file is not None:
+            self.prompt_file = str(self.prompt_file)
+            self.prompt_template()  # read and checked now: a bad template costs milliseconds, not a model load
         return self
+
+    def prompt_template(self):
+        """The explicit template (``prompt_file``) as a ``PromptTemplate``, or None (the checkpoint's
+        sidecar template, else the built-in ``--prompt`` wording, is used then)."""
+        from medreasoner.models.prompts import load_prompt_file
+
+        return None if self.prompt_file is None else load_prompt_file(self.prompt_file)
 
 
 # The square the CRM sees. 28 = one 2x2 group of Qwen2.5-VL's 14-pixel patches (the processor rounds
@@ -178,12 +190,22 @@ def load_crm_from(options: ModelOptions):
         kwargs["dtype"] = options.dtype
     if options.image_size:
         kwargs["image_size"] = int(options.image_size)
+    template = options.prompt_template()  # before the load: the file may have changed since checked()
     try:
-        return load_crm(str(options.crm), backend=options.crm_backend, **kwargs)
+        crm = load_crm(str(options.crm), backend=options.crm_backend, **kwargs)
     except (OSError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise
         raise ModelLoadError(f"could not load the CRM {options.crm!r}: {exc}") from exc
+    return use_prompt_template(crm, template)
+
+
+def use_prompt_template(crm: Any, template: Any) -> Any:
+    """An explicit template replaces whatever the CRM would ask with (its sidecar's or the built-in
+    wording); None leaves the CRM as it is. Returns ``crm``."""
+    if template is not None:
+        crm.prompt_template = template
+    return crm
 
 
 def load_asm_from(options: ModelOptions):
@@ -212,6 +234,8 @@ def load_models(options: ModelOptions | None = None, *, crm: Any = None, asm: An
     if crm is None and with_crm:
         crm = load_crm_from(options)
         times["crm"] = time.perf_counter() - t0
+    elif crm is not None:
+        use_prompt_template(crm, options.prompt_template())
     t1 = time.perf_counter()
     if asm is None:
         asm = load_asm_from(options)

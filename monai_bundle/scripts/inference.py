@@ -202,8 +202,9 @@ def case_list(dataset_dir: Any, query: Any = None, image: Any = None) -> list[di
 def model_options(crm: str, crm_backend: str = "transformers", base_url: str | None = None, asm: str = "litemedsam",
                   asm_checkpoint: str | None = None, device: str = "auto", max_new_tokens: int = 1024,
                   batch_size: int = 4, asm_batch_size: Any = None, image_size: Any = None,
-                  trust_remote_code: bool = False):
-    """The core's ``ModelOptions`` from config values (checked before anything loads)."""
+                  trust_remote_code: bool = False, prompt_file: Any = None):
+    """The core's ``ModelOptions`` from config values (checked before anything loads). ``prompt_file``:
+    a prompt template file ({question} where the question goes), as the CLI's ``--prompt-file``."""
     from medreasoner.engine import ModelOptions
     from medreasoner.errors import InputError
 
@@ -214,7 +215,7 @@ def model_options(crm: str, crm_backend: str = "transformers", base_url: str | N
             max_new_tokens=int(max_new_tokens), batch_size=int(batch_size),
             asm_batch_size=None if _optional(asm_batch_size) is None else int(asm_batch_size),
             image_size=None if _optional(image_size) is None else int(image_size),
-            trust_remote_code=bool(trust_remote_code),
+            trust_remote_code=bool(trust_remote_code), prompt_file=_text(prompt_file),
         ).checked()
     except (InputError, TypeError, ValueError) as exc:
         raise fail(f"bad model option: {exc}", EXIT_INPUT) from exc

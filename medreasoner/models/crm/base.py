@@ -12,7 +12,7 @@ import numpy as np
 from medreasoner.constants import DEFAULT_CRM, DEFAULT_MAX_NEW_TOKENS  # noqa: F401 - re-exported
 from medreasoner.imaging.resize import ResizeMap
 from medreasoner.models.answer import ParsedAnswer, parse_completion
-from medreasoner.models.prompts import PromptKind
+from medreasoner.models.prompts import PromptKind, PromptTemplate, build_prompt, effective_template
 
 
 @dataclass
@@ -51,6 +51,8 @@ class CRM(ABC):
     name: str = "crm"
     model_id: str = ""
     is_tiny: bool = False  # a random/format-only test model: outputs carry a loud warning
+    # replaces the built-in wording for every question when set (--prompt-file, or the checkpoint's sidecar)
+    prompt_template: PromptTemplate | None = None
 
     @abstractmethod
     def answer_batch(
@@ -63,6 +65,15 @@ class CRM(ABC):
 
     def answer(self, image: np.ndarray, question: str, prompt: PromptKind = "reasoning") -> CRMAnswer:
         return self.answer_batch([image], [question], prompt)[0]
+
+    def prompt_text(self, question: str, prompt: PromptKind = "reasoning") -> str:
+        """The user text sent with the image: the template's when this CRM has one, else the built-in
+        ``prompt`` wording."""
+        return build_prompt(question, prompt, self.prompt_template)
+
+    def prompt_info(self, prompt: PromptKind = "reasoning") -> dict[str, str]:
+        """``prompt``, ``prompt_sha256``, ``prompt_source`` of what :meth:`prompt_text` uses."""
+        return effective_template(self, prompt).record()
 
     def describe(self) -> dict[str, Any]:
         from medreasoner.models.fingerprint import model_fingerprint

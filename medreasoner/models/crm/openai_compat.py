@@ -34,7 +34,7 @@ from medreasoner.constants import DEFAULT_OPENAI_BASE_URL as DEFAULT_BASE_URL
 from medreasoner.errors import ModelLoadError
 from medreasoner.imaging.resize import ResizeMap, target_size
 from medreasoner.models.crm.base import CRM, CRMAnswer, GenerationConfig, answer_in_original_pixels
-from medreasoner.models.prompts import PromptKind, build_prompt
+from medreasoner.models.prompts import PromptKind, builtin_template
 from medreasoner.models.registry import CRMS
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class OpenAICompatCRM(CRM):
                 "role": "user",
                 "content": [
                     {"type": "image_url", "image_url": {"url": data_url}},
-                    {"type": "text", "text": build_prompt(question, prompt)},
+                    {"type": "text", "text": self.prompt_text(question, prompt)},
                 ],
             }],
             "max_tokens": int(gen.max_new_tokens),
@@ -255,7 +255,8 @@ class OpenAICompatCRM(CRM):
     ) -> list[CRMAnswer]:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        build_prompt("", prompt)  # an unknown prompt kind fails here, before any request
+        if self.prompt_template is None:
+            builtin_template(prompt)  # an unknown prompt kind fails here, before any request
         if not images:
             return []
         workers = min(self.concurrency, len(images))

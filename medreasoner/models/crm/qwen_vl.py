@@ -13,7 +13,7 @@ import numpy as np
 
 from medreasoner.constants import CRM_SIDECAR as SIDECAR
 from medreasoner.constants import DEFAULT_CRM_IMAGE_SIZE as DEFAULT_IMAGE_SIZE
-from medreasoner.errors import ModelLoadError
+from medreasoner.errors import InputError, ModelLoadError
 from medreasoner.imaging.resize import ResizeMap, target_size
 from medreasoner.models.crm.base import (
     CRM,
@@ -22,7 +22,7 @@ from medreasoner.models.crm.base import (
     GenerationConfig,
     answer_in_original_pixels,
 )
-from medreasoner.models.prompts import PromptKind, build_messages
+from medreasoner.models.prompts import PromptKind, PromptTemplate, checkpoint_template, messages_for
 from medreasoner.models.registry import CRMS
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,24 @@ def _read_sidecar(path: str) -> dict[str, Any]:
     f = Path(path) / SIDECAR
     if f.is_file():
         try:
-            return json.loads(f.read_text())
+            data = json.loads(f.read_text())
+            if isinstance(data, dict):
+                return data
+            log.warning("ignoring %s: not a JSON object", f)
         except ValueError:
             log.warning("ignoring unreadable %s", f)
     return {}
+
+
+def sidecar_prompt_template(folder: str | Path) -> PromptTemplate | None:
+    """The prompt template a local checkpoint's sidecar names (``prompt_template`` text or a
+    ``prompt_file`` inside the folder), or None; a template that cannot be used is a ``ModelLoadError``."""
+    if not Path(folder).expanduser().is_dir():
+        return None
+    try:
+        return checkpoint_template(Path(folder).expanduser(), _read_sidecar(str(Path(folder).expanduser())))
+    except InputError as exc:
+        raise ModelLoadError(f"CRM {folder}: {exc}") from exc
 
 
 class QwenVLCRM(CRM):
@@ -135,6 +149,7 @@ class QwenVLCRM(CRM):
             raise ModelLoadError(f"CRM folder not found: {self.model_id}")
         if local.is_dir():
             check_checkpoint_files(local)  # before torch/transformers import, and before a byte of weights is read
+        self.prompt_template = sidecar_prompt_template(local)  # --prompt-file replaces it after the load
 
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -222,11 +237,7 @@ class QwenVLCRM(CRM):
         torch = self._torch
         t0 = time.perf_counter()
         prepared = [self._prepare(np.asarray(im)) for im in images]
-        texts = [
-            self.processor.apply_chat_template(build_messages(q, prompt), tokenize=False,
-                                               add_generation_prompt=True)
-            for q in questions
-        ]
+        texts = self._chat_texts(questions, prompt)
         inputs = self.processor(text=texts, images=[p for p, _ in prepared], padding=True,
                                 return_tensors="pt").to(self.device)
         if "pixel_values" in inputs:
@@ -249,6 +260,12 @@ class QwenVLCRM(CRM):
             rmap = ResizeMap(w, h, sw, sh)
             answers.append(CRMAnswer(text, answer_in_original_pixels(text, rmap), rmap, per, conf))
         return answers
+
+    def _chat_texts(self, questions: Sequence[str], prompt: PromptKind) -> list[str]:
+        """The processor's chat text for each question: the image, then :meth:`prompt_text`."""
+        return [self.processor.apply_chat_template(messages_for(self.prompt_text(q, prompt)), tokenize=False,
+                                                   add_generation_prompt=True)
+                for q in questions]
 
     def _confidences(self, gen_out, new) -> list[float | None]:
         """exp(mean log-probability) of each completion's tokens, padding after EOS excluded."""

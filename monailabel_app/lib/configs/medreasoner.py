@@ -8,6 +8,8 @@ Keys (``monailabel start_server ... --conf KEY VALUE``):
 - ``asm_checkpoint``: ASM weights file (required for ``medsam2``/``sam2``)
 - ``device`` (``auto``/``cpu``/``cuda:N``), ``dtype``, ``max_new_tokens``, ``batch_size``, ``image_size``,
   ``asm_batch_size``, ``base_url`` (openai backend)
+- ``prompt_file``: a prompt template file (``{question}`` where the question goes), as the CLI's
+  ``--prompt-file``; it replaces the checkpoint's sidecar template and the built-in wording
 - ``plugins``: comma-separated modules or ``.py`` files that register CRM backends / ASMs
 - ``max_concurrent``: requests run at once when ``MONAI_LABEL_INFER_CONCURRENCY`` is not set (default 4)
 - ``replace_infer_route``: ``false`` keeps MONAI Label's own infer route (one request at a time, 500s)
@@ -30,7 +32,7 @@ from ..infers.medreasoner import MedReasonerInfer
 logger = logging.getLogger(__name__)
 
 INT_KEYS = ("max_new_tokens", "batch_size", "image_size", "asm_batch_size")
-STR_KEYS = ("crm", "crm_backend", "asm", "asm_checkpoint", "device", "dtype", "base_url")
+STR_KEYS = ("crm", "crm_backend", "asm", "asm_checkpoint", "device", "dtype", "base_url", "prompt_file")
 # Downloading is never done at start; these ASMs have no weights without a checkpoint file.
 ASMS_NEEDING_CHECKPOINT = ("medsam2", "sam2")
 DEFAULT_MAX_CONCURRENT = 4
