@@ -148,15 +148,14 @@ def evaluate(model_dir: str, samples: list, max_new_tokens: int, prompt: str, ba
 
 
 # --- training stages ------------------------------------------------------------------------------
-def _common_sets(a: argparse.Namespace) -> list[str]:
-    return ["lora=false", "bf16=false", "gradient_checkpointing=false", "report_to=[]", f"prompt={a.prompt}",
-            "image_size=112", f"seed={a.seed}", "logging_steps=1", "save_total_limit=1"]
+def _common_args(a: argparse.Namespace) -> dict:
+    return {"use_peft": "false", "bf16": "false", "gradient_checkpointing": "false", "report_to": "none",
+            "prompt": a.prompt, "image_size": 112, "seed": a.seed, "logging_steps": 1, "save_total_limit": 1}
 
 
-def _run(main, sets: list[str]) -> None:
-    argv = []
-    for s in sets:
-        argv += ["--set", s]
+def _run(main, values: dict) -> None:
+    """The entry point's ``main`` with TRL-style ``--field value`` arguments."""
+    argv = [str(x) for k, v in values.items() for x in (f"--{k}", v)]
     rc = main(argv)
     if rc:
         raise SystemExit(f"training failed (exit {rc})")
@@ -165,24 +164,22 @@ def _run(main, sets: list[str]) -> None:
 def run_sft(a, data: Path, base: str, out: Path) -> Path:
     from training import sft
 
-    _run(sft.main, _common_sets(a) + [
-        f"model={base}", f"data={data}", "split=train", f"output_dir={out}", f"learning_rate={a.sft_lr}",
-        f"max_steps={a.sft_steps}", f"per_device_train_batch_size={a.sft_batch}", "lr_scheduler_type=cosine",
-        "warmup_ratio=0.05", f"save_steps={a.sft_steps}", "num_train_epochs=1000",
-    ])
+    _run(sft.main, {**_common_args(a), "model_name_or_path": base, "data": data, "split": "train",
+                    "output_dir": out, "learning_rate": a.sft_lr, "max_steps": a.sft_steps,
+                    "per_device_train_batch_size": a.sft_batch, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05,
+                    "save_steps": a.sft_steps, "num_train_epochs": 1000})
     return out / "final"
 
 
 def run_grpo(a, data: Path, base: Path, out: Path) -> Path:
     from training import grpo
 
-    _run(grpo.main, _common_sets(a) + [
-        f"model={base}", f"data={data}", "split=train", f"output_dir={out}", "reward=soft",
-        f"num_generations={a.num_generations}", f"per_device_train_batch_size={a.grpo_batch}",
-        f"learning_rate={a.grpo_lr}", f"beta={a.beta}", f"temperature={a.temperature}",
-        f"max_completion_length={a.max_completion_length}", f"max_steps={a.grpo_steps}",
-        f"save_steps={a.grpo_steps}", "num_train_epochs=1000", "lr_scheduler_type=constant",
-    ])
+    _run(grpo.main, {**_common_args(a), "model_name_or_path": base, "data": data, "split": "train",
+                     "output_dir": out, "reward": "soft", "num_generations": a.num_generations,
+                     "per_device_train_batch_size": a.grpo_batch, "learning_rate": a.grpo_lr, "beta": a.beta,
+                     "temperature": a.temperature, "max_completion_length": a.max_completion_length,
+                     "max_steps": a.grpo_steps, "save_steps": a.grpo_steps, "num_train_epochs": 1000,
+                     "lr_scheduler_type": "constant"})
     return out / "final"
 
 
@@ -253,7 +250,7 @@ def main(argv=None) -> int:
 
     from medreasoner.data import write_parquet
     from medreasoner.models.tiny import TINY_IMAGE_SIZE, build_tiny_crm
-    from training.common import TrainConfig, target_text
+    from training.common import MedReasonerArguments, target_text
 
     assert TINY_IMAGE_SIZE == SIZE
     torch.manual_seed(a.seed)
@@ -265,7 +262,7 @@ def main(argv=None) -> int:
     train, test = make_split(a.n_train, a.seed, "train"), make_split(a.n_test, a.seed + 1000, "test")
     train_pq = write_parquet(train, out / "data" / "train.parquet")
     write_parquet(test, out / "data" / "test.parquet")
-    cfg = TrainConfig(prompt=a.prompt)
+    cfg = MedReasonerArguments(prompt=a.prompt)
     answer_tokens = max(len(target_text(s.ground_truth, cfg)) for s in train + test)  # chars >= tokens
     if a.max_completion_length is None:
         a.max_completion_length = min(answer_tokens + 8, 128)

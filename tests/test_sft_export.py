@@ -77,7 +77,7 @@ def umrg_parquet(tmp_path_factory) -> Path:
 
 
 def _config(tmp: Path, tiny_crm: Path, data: Path, **extra) -> Path:
-    cfg = {"model": str(tiny_crm), "data": str(data), "split": "train", "per_device_train_batch_size": 2,
+    cfg = {"model_name_or_path": str(tiny_crm), "data": str(data), "split": "train", "per_device_train_batch_size": 2,
            "learning_rate": 1.0e-3, "lora_r": 4, "lora_alpha": 8, "save_steps": 1, "save_total_limit": 5,
            "logging_steps": 1, "report_to": [], **extra}
     path = tmp / "sft.yaml"
@@ -86,8 +86,9 @@ def _config(tmp: Path, tiny_crm: Path, data: Path, **extra) -> Path:
 
 
 def _sft(config: Path, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
-    sets = [a for o in overrides for a in ("--set", o)]
-    return _run([sys.executable, "training/sft.py", "--config", config, *sets, *(["--resume"] if resume else [])])
+    """``key=value`` overrides become TRL-style ``--key value`` flags on the command line."""
+    flags = [a for o in overrides for a in (f"--{o.partition('=')[0]}", o.partition("=")[2])]
+    return _run([sys.executable, "training/sft.py", "--config", config, *flags, *(["--resume"] if resume else [])])
 
 
 def _check_run(out: Path, steps: int) -> list[dict]:
@@ -104,14 +105,15 @@ def _check_run(out: Path, steps: int) -> list[dict]:
     assert (out / "loss.png").stat().st_size > 1000
     run = json.loads((out / "run.json").read_text())
     assert run["kind"] == "sft" and run["global_step"] == steps
-    assert run["config"]["max_steps"] == steps and run["resolved"]["samples"] == 6
+    assert run["config"]["trainer"]["max_steps"] == steps and run["resolved"]["samples"] == 6
+    assert Path(run["config"]["model"]["model_name_or_path"]).resolve() == Path(run["resolved"]["model"])
     return history
 
 
 def _two_step_run(tmp_path_factory, tiny_crm, umrg_parquet, lora: bool) -> Path:
     tmp = tmp_path_factory.mktemp("lora" if lora else "full")
     out = tmp / "run"
-    _ok(_sft(_config(tmp, tiny_crm, umrg_parquet, lora=lora, output_dir=str(out)), "max_steps=2"))
+    _ok(_sft(_config(tmp, tiny_crm, umrg_parquet, use_peft=lora, output_dir=str(out)), "max_steps=2"))
     return out
 
 

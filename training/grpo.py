@@ -1,138 +1,174 @@
 """GRPO training of a Qwen2.5-VL-family CRM on MedReasoner's rewards, with TRL's GRPOTrainer.
 
-    python training/grpo.py --config training/configs/grpo_soft.yaml [--set key=value ...] [--resume]
+    python -m training.grpo --config training/configs/grpo_soft.yaml [--any_field value ...] [--resume]
     accelerate launch --config_file training/accelerate/multi_gpu.yaml training/grpo.py --config ...
 
-Rows come from the U-MRG loader (image resized to the model's input size, the reasoning prompt, the
-ground truth in model pixels); rewards are ``medreasoner.science.rewards`` components (soft / hard / base),
-each logged separately, plus an optional mask-Dice reward from a real ASM. Checkpoints every
-``save_steps``; ``--resume`` restores weights, optimizer, scheduler, RNG and the data position.
+Arguments are TRL's own: every ``trl.GRPOConfig`` and ``trl.ModelConfig`` field, plus MedReasoner's
+few (:class:`training.common.MedReasonerArguments`), from the YAML file and the command line (which
+wins), parsed by ``trl.TrlParser`` as in TRL's example scripts. Rows come from the U-MRG loader (image
+resized to the model's input size, the reasoning prompt, the ground truth in model pixels); rewards
+are ``medreasoner.science.rewards`` components (soft / hard / base), each logged separately, plus an
+optional mask-Dice reward from a real ASM. Checkpoints every ``save_steps``; ``--resume`` restores
+weights, optimizer, scheduler, RNG and the data position.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-from medreasoner.constants import CRM_SIDECAR
-
 os.environ.setdefault("WANDB_DISABLED", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from medreasoner.constants import CRM_SIDECAR  # noqa: E402
 from training.common import (  # noqa: E402
-    TrainConfig,
-    arg_parser,
+    MedReasonerArguments,
     is_main_process,
-    load_config,
-    newest_checkpoint,
+    local_model_path,
+    model_dtype,
+    model_image_size,
+    model_load_kwargs,
+    parse_args,
+    peft_config,
     plot_curves,
-    report_to,
-    resolve_precision,
+    resume_checkpoint,
+    run_config,
     training_dataset,
 )
 
 
-def mask_dice_reward(cfg: TrainConfig):
-    """Reward = Dice between the ASM's mask for the answered box + points and the GT mask."""
+def _asm_device() -> str:
+    """Each process's own GPU under accelerate/torchrun (LOCAL_RANK), else the ASM's default."""
+    import torch
+
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return "auto"
+
+
+def mask_dice_reward(med: MedReasonerArguments, asm=None):
+    """Reward = Dice between the ASM's mask for the answered box + points and the GT mask.
+
+    The G completions of one prompt share its image: each call groups the completions by the image's
+    pixels, encodes every distinct image once (in the ASM's batches) and decodes each completion's
+    prompts on that embedding. ``asm`` takes an already loaded ASM (tests); the returned function's
+    ``counts`` say how many images were encoded and how many masks decoded.
+    """
     import numpy as np
 
-    from medreasoner.engine import ModelOptions, Session, load_models
+    from medreasoner.engine import ModelOptions, load_models
+    from medreasoner.engine.cache import array_digest
     from medreasoner.models.answer import parse_completion
     from medreasoner.science.metrics import mask_dice
     from medreasoner.science.rewards import completion_text
 
-    # The ASM only: completions come from the policy being trained. The session caches each
-    # image's embedding, so the group of completions for one prompt costs one encode.
-    session = Session(load_models(ModelOptions(asm=cfg.mask_reward_asm, asm_checkpoint=cfg.mask_reward_checkpoint),
-                                  with_crm=False), embedding_cache_mb=256)
+    # The ASM only: completions come from the policy being trained.
+    models = load_models(ModelOptions(asm=med.mask_reward_asm, asm_checkpoint=med.mask_reward_checkpoint,
+                                      device=_asm_device()), with_crm=False, asm=asm)
+    counts = {"calls": 0, "completions": 0, "asm_encodes": 0, "asm_decodes": 0}
 
     def mask_dice_asm(completions, image, mask=None, **_):
-        out = []
-        for c, im, m in zip(completions, image, mask if mask is not None else [None] * len(image)):
-            rgb = np.asarray(im.convert("RGB"))
-            a = parse_completion(completion_text(c), image_size=(rgb.shape[1], rgb.shape[0]))
-            if m is None or a.box is None:
-                out.append(0.0)
+        counts["calls"] += 1
+        counts["completions"] += len(completions)
+        masks = mask if mask is not None else [None] * len(completions)
+        out = [0.0] * len(completions)
+        groups: dict[str, list[tuple[int, object, np.ndarray]]] = {}  # image digest -> its completions
+        frames: dict[str, np.ndarray] = {}
+        for i, (c, im, m) in enumerate(zip(completions, image, masks)):
+            if m is None:
                 continue
-            pred = session.segment_image(rgb, a.box, a.points).mask
-            out.append(float(mask_dice(pred, np.asarray(m) > 0)))
+            rgb = np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im)
+            a = parse_completion(completion_text(c), image_size=(rgb.shape[1], rgb.shape[0]))
+            if a.box is None:
+                continue  # no box, no mask: 0, and no encode for an image nobody prompts
+            key = array_digest(rgb)
+            frames.setdefault(key, rgb)
+            groups.setdefault(key, []).append((i, a, np.asarray(m) > 0))
+        keys = list(groups)
+        step = max(1, int(getattr(models.asm, "batch_size", 1) or 1))
+        for s in range(0, len(keys), step):  # a batch of distinct images at a time bounds the memory held
+            chunk = keys[s:s + step]
+            with models.asm_lock:
+                embeddings = models.asm.encode([frames[k] for k in chunk])
+                counts["asm_encodes"] += len(chunk)
+                for key, emb in zip(chunk, embeddings):
+                    for i, a, gt in groups[key]:
+                        try:
+                            pred = models.asm.decode(emb, a.box, a.points).mask
+                        except ValueError:  # a degenerate box the ASM refuses: no mask, reward 0
+                            continue
+                        counts["asm_decodes"] += 1
+                        out[i] = float(mask_dice(pred, gt))
         return out
 
+    mask_dice_asm.counts = counts
     return mask_dice_asm
 
 
-def build_trainer(cfg: TrainConfig):
+def build_trainer(med: MedReasonerArguments, args, model_args):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from medreasoner.science.rewards import component_rewards
 
-    bf16, grad_ckpt = resolve_precision(cfg)
-    dataset = training_dataset(cfg)
-    processor = AutoProcessor.from_pretrained(cfg.model, padding_side="left", trust_remote_code=False)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype, trust_remote_code=False)
-    rewards = component_rewards(cfg.reward)
-    if cfg.mask_reward:
-        rewards.append(mask_dice_reward(cfg))
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
-    args = GRPOConfig(
-        output_dir=cfg.output_dir, num_generations=cfg.num_generations, learning_rate=cfg.learning_rate,
-        beta=cfg.beta, temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
-        bf16=bf16, gradient_checkpointing=grad_ckpt, use_cpu=not torch.cuda.is_available(),
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed, report_to=report_to(cfg),
-        use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode, log_completions=False, dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
-    _check_prompt_length(processor, dataset[0], cfg)
+    rewards = component_rewards(med.reward)  # an unknown mode fails here, before anything loads
+    if med.mask_reward:
+        rewards.append(mask_dice_reward(med))
+    model_path = local_model_path(model_args.model_name_or_path)
+    dataset = training_dataset(med, model_image_size(med, model_path), Path(args.output_dir) / ".dataset_cache")
+    processor = AutoProcessor.from_pretrained(model_path, padding_side="left", revision=model_args.model_revision,
+                                              trust_remote_code=bool(args.trust_remote_code))
+    dtype = model_dtype(model_args, torch.bfloat16 if args.bf16 else torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, **model_load_kwargs(model_args, args, dtype))
+    _check_prompt_length(processor, dataset[0], med.max_prompt_length)
     return GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
-                       processing_class=processor, peft_config=peft_config)
+                       processing_class=processor, peft_config=peft_config(model_args))
 
 
-def _check_prompt_length(processor, row, cfg: TrainConfig) -> None:
+def _check_prompt_length(processor, row, max_prompt_length: int) -> None:
     """VLM prompts cannot be truncated safely (image tokens); refuse overlong ones up front."""
     text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     n = len(processor(text=[text], images=[row["image"]], return_tensors="pt")["input_ids"][0])
-    if n > cfg.max_prompt_length:
-        raise SystemExit(f"prompt is {n} tokens (image included) > max_prompt_length {cfg.max_prompt_length}; "
+    if n > max_prompt_length:
+        raise SystemExit(f"prompt is {n} tokens (image included) > max_prompt_length {max_prompt_length}; "
                          "lower image_size or raise max_prompt_length")
 
 
+def parse(argv: list[str] | None = None):
+    """``(MedReasonerArguments, GRPOConfig, ModelConfig)`` from ``--config`` and the command line."""
+    from trl import GRPOConfig
+
+    return parse_args(GRPOConfig, argv, description=__doc__.splitlines()[0])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    out = Path(cfg.output_dir)
-    resume = None
-    if args.resume:
-        resume = newest_checkpoint(cfg.output_dir)
-        if resume is None:
-            print(f"--resume: no checkpoint in {out}; starting from scratch", file=sys.stderr)
-    trainer = build_trainer(cfg)
+    med, args, model_args = parse(argv)
+    out = Path(args.output_dir)
+    resume = resume_checkpoint(med, args)
+    if med.resume and resume is None:
+        print(f"--resume: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+    trainer = build_trainer(med, args, model_args)
     trainer.train(resume_from_checkpoint=resume)
     final = out / "final"
     trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the shards; only rank 0 writes
     if is_main_process():
-        sidecar = Path(cfg.model) / CRM_SIDECAR
+        sidecar = Path(model_args.model_name_or_path) / CRM_SIDECAR
         if sidecar.is_file():  # keep the tiny-model marker and input size with the trained weights
             (final / sidecar.name).write_text(sidecar.read_text())
-        (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        info = {"kind": "grpo", "config": run_config(med, args, model_args), "resumed_from": resume,
+                "argv": sys.argv, "global_step": trainer.state.global_step}
+        mask = next((f for f in trainer.reward_funcs if getattr(f, "__name__", "") == "mask_dice_asm"), None)
+        if mask is not None:  # this process's share: how many images the mask reward encoded
+            info["mask_reward_counts"] = dict(mask.counts)
+        (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
         with (out / "train_log.jsonl").open("w") as f:
             for h in trainer.state.log_history:
                 f.write(json.dumps(h) + "\n")
-        plot_curves(trainer.state.log_history, out / "reward_curves.png", f"GRPO ({cfg.reward}) {Path(cfg.model).name}")
+        plot_curves(trainer.state.log_history, out / "reward_curves.png",
+                    f"GRPO ({med.reward}) {Path(model_args.model_name_or_path).name}")
         print(f"GRPO done: {trainer.state.global_step} steps on {trainer.accelerator.num_processes} process(es); "
               f"model in {final}; curves in {out / 'reward_curves.png'}")
     return 0
