@@ -523,65 +523,8 @@ def build_protocol_asm(settings: dict[str, Any], *, checkpoint: str | None = Non
     folder = Path(config_dir) if config_dir is not None else Path(tempfile.mkdtemp(prefix="medreasoner-asm-"))
     path = folder / f"{name}_{int(cfg.model.image_size)}.yaml"
     atomic_write_bytes(path, OmegaConf.to_yaml(cfg).encode())
-    cls = _protocol_sam2_class()
-    return cls(name, path, ckpt, device, batch_size, precision=settings.get("asm_precision") or "auto",
-               raw_prompts=settings["protocol"] == "reference")
-
-
-_PROTOCOL_SAM2 = None
-
-
-def _protocol_sam2_class():
-    """``SAM2ASM`` with a precision switch and, for the reference protocol, no prompt checks (built on
-    first use so importing this module loads no model code)."""
-    global _PROTOCOL_SAM2
-    if _PROTOCOL_SAM2 is not None:
-        return _PROTOCOL_SAM2
-    import contextlib
-    import time
-
-    from medreasoner.models.asm.base import SegmentResult
-    from medreasoner.models.asm.sam2_asm import SAM2ASM
-
-    class ProtocolSAM2(SAM2ASM):
-        def __init__(self, *args, precision: str = "auto", raw_prompts: bool = False, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.precision, self.raw_prompts = precision, raw_prompts
-
-        def _autocast(self):
-            return contextlib.nullcontext() if self.precision == "fp32" else super()._autocast()
-
-        def describe(self) -> dict[str, Any]:
-            return {**super().describe(), "precision": self.precision, "raw_prompts": self.raw_prompts}
-
-        def decode(self, embedding, box, points=None) -> SegmentResult:
-            if not self.raw_prompts:
-                return super().decode(embedding, box, points)
-            # SAM2ASM.decode without check_prompts: the reference hands SAM2 whatever box it read
-            torch = self._torch
-            h, w = embedding.size
-            t0 = time.perf_counter()
-            pred = self.predictor
-            with torch.inference_mode(), self._autocast():
-                pred._features = {"image_embed": embedding.image_embed[None],
-                                  "high_res_feats": [f[None] for f in embedding.high_res]}
-                pred._orig_hw = [tuple(embedding.size)]
-                pred._is_image_set, pred._is_batch = True, False
-                try:
-                    masks, scores, _ = pred.predict(
-                        point_coords=np.asarray(points, np.float32) if points else None,
-                        point_labels=np.ones(len(points), np.int32) if points else None,
-                        box=np.asarray(box, np.float32), multimask_output=self.multimask)
-                finally:
-                    pred.reset_predictor()
-            scores = np.atleast_1d(np.asarray(scores, dtype=np.float32))
-            masks = np.asarray(masks).reshape(-1, h, w)
-            best = int(np.argmax(scores))
-            return SegmentResult(masks[best] > 0, float(scores[best]), "box+points" if points else "box",
-                                 {"decode": time.perf_counter() - t0})
-
-    _PROTOCOL_SAM2 = ProtocolSAM2
-    return ProtocolSAM2
+    return sam2_asm.SAM2ASM(name, path, ckpt, device, batch_size, precision=settings.get("asm_precision") or "auto",
+                            raw_prompts=settings["protocol"] == "reference")
 
 
 def _histograms(records: list[dict], path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medreasoner.errors import ModelLoadError
+from medreasoner.errors import InputError, ModelLoadError
 from medreasoner.imaging.geometry import Box, Point
 from medreasoner.models.asm.base import ASM, SegmentResult, check_prompts
 from medreasoner.models.registry import ASMS
@@ -151,7 +151,10 @@ class SAM2ASM(ASM):
     video_propagation = True
 
     def __init__(self, name: str, config: Path, checkpoint: str | None, device: str | None = "auto",
-                 batch_size: int | None = None, multimask: bool = True):
+                 batch_size: int | None = None, multimask: bool = True, precision: str = "auto",
+                 raw_prompts: bool = False):
+        """``precision``: "auto" (bf16 autocast on CUDA) or "fp32"; ``raw_prompts``: segment any box as
+        given (inverted, empty, outside), as the reference evaluation does, instead of refusing it."""
         import torch
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -163,6 +166,9 @@ class SAM2ASM(ASM):
         self.device = resolve_device(device)
         self.batch_size = default_asm_batch(self.device, batch_size)
         self.multimask = multimask
+        if precision not in ("auto", "fp32"):
+            raise InputError(f"SAM2 precision must be auto or fp32, got {precision!r}")
+        self.precision, self.raw_prompts = precision, bool(raw_prompts)
         model = build_sam2_model(self.config, checkpoint, str(self.device))
         self.is_tiny = model.medreasoner_tiny
         self.predictor = SAM2ImagePredictor(model)
@@ -208,11 +214,12 @@ class SAM2ASM(ASM):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "config": self.config.name, "device": str(self.device),
-                "image_size": int(self.predictor.model.image_size)}
+                "image_size": int(self.predictor.model.image_size), "precision": self.precision,
+                "raw_prompts": self.raw_prompts}
 
     def _autocast(self):
         torch = self._torch
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.precision == "auto":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         import contextlib
 
@@ -238,7 +245,8 @@ class SAM2ASM(ASM):
     def decode(self, embedding: _SAM2Embedding, box: Box, points: Sequence[Point] | None = None) -> SegmentResult:
         torch = self._torch
         h, w = embedding.size
-        check_prompts(np.empty((h, w, 0)), box)
+        if not self.raw_prompts:
+            check_prompts(np.empty((h, w, 0)), box)
         t0 = time.perf_counter()
         pred = self.predictor
         with torch.inference_mode(), self._autocast():
