@@ -291,3 +291,16 @@ def test_mask_reward_encodes_each_image_once_per_group_of_generations(litemedsam
     # the next step's group: its own image, encoded once more (nothing is cached across calls)
     reward(completions[:g], images[:g], masks[:g])
     assert counting.encoded == 3 and reward.counts["calls"] == 2
+
+
+def test_resume_skips_a_checkpoint_a_kill_left_half_written(tmp_path):
+    """The trainer writes trainer_state.json last: a checkpoint folder without it is not resumable."""
+    from training.common import newest_checkpoint
+
+    assert newest_checkpoint(str(tmp_path)) is None
+    for step, complete in ((2, True), (10, True), (12, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert newest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # numeric order, complete only

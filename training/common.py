@@ -271,7 +271,11 @@ def target_text(gt: dict, cfg: MedReasonerArguments, sample=None) -> str:
 
 
 def newest_checkpoint(output_dir: str) -> str | None:
-    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    """The newest COMPLETE checkpoint: the trainer writes trainer_state.json last, so a folder without it
+    is one a kill interrupted (resuming from it would fail); such folders are skipped, never deleted."""
+    ckpts = [p for p in Path(output_dir).glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    ckpts.sort(key=lambda p: int(p.name.split("-")[-1]))
     return str(ckpts[-1]) if ckpts else None
 
 
