@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+# the repository first: sam2 installs a top-level package also named "training" that would shadow ours
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
