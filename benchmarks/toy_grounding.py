@@ -2,22 +2,27 @@
 
     python benchmarks/toy_grounding.py [--quick] [--out DIR] [--sft-steps N] [--grpo-steps N] ...
 
-A synthetic grounding task small enough for CPU: 112x112 noise images (the tiny CRM's input size,
-so model pixels == image pixels) with 2-3 non-overlapping shapes (a bright disc, a mid-grey bar, a
-dim square, random sizes and positions). The question names one shape by a property ("Which
-structure is the brightest?", "Where is the darkest object?", "Which is the largest object?"); the
-ground truth is derived from that shape's mask with ``keypoints.ground_truth_from_mask``.
+A synthetic grounding task small enough for CPU, on 112x112 images (the tiny CRM's input size, so
+model pixels == image pixels). Default task (``--task single``): one bright rectangle on a dark noise
+background, its edges on the 14-pixel patch grid (box coordinates 0, 14, ..., 112; sides of 2-3
+cells), with CoordConv-style coordinate channels (red = x ramp, green = y ramp, the same in every
+image; blue = the scan), because the random tiny vision tower has only relative 2D rotary positions
+and without them its tokens carry no absolute position (``--no-coord`` turns them off). The older
+``--task shapes``: 2-3 non-overlapping shapes on grey noise, the question naming one by a property
+(brightest / darkest / largest). Ground truth from the target mask with ``keypoints.ground_truth_from_mask``.
 
-Stages, all on a random-weight tiny Qwen2.5-VL (``build_tiny_crm(format_steps=0)``):
-untrained -> SFT warm-up (``training/sft.py``, full fine-tuning) -> GRPO on the soft reward
-(``training/grpo.py``, full fine-tuning, from the SFT model). After each stage the held-out split is
-answered greedily through ``medreasoner.models.crm.load_crm(...).answer_batch`` and scored with
+Stages, on a random-weight tiny Qwen2.5-VL (``build_tiny_crm(format_steps=0)``, re-initialised wider
+here: ``--hidden`` 128 text width, ``--vision-hidden`` 64; the 64/32-wide default barely localises):
+untrained -> SFT warm-up (``training/sft.py``, full fine-tuning, deliberately short so that it
+leaves room) -> GRPO on the soft reward (``training/grpo.py``, full fine-tuning, from the SFT
+model). After each stage the same held-out split (never trained on; checked disjoint) is answered
+greedily through ``medreasoner.models.crm.load_crm(...).answer_batch`` and scored with
 ``rewards.score(..., "soft")`` and the box IoU. Targets: GRPO raises the held-out reward over SFT,
 and the box IoU by >= 0.05.
 
 Outputs go to ``--out`` (default ``/tmp/medreasoner_toy_grounding``, outside the repository):
 data, run folders, ``sft_loss.png``, ``grpo_reward.png`` and ``results.json``.
-The full run is sized for ~20 minutes on 2 CPU cores; ``--quick`` is a ~3-minute smoke version.
+The full run is sized for well under 20 minutes on 2 CPU cores; ``--quick`` is a ~3-minute smoke version.
 """
 
 from __future__ import annotations
@@ -114,14 +119,82 @@ def make_sample(idx: int, rng: random.Random, split: str):
                   data_source="toy_grounding")
 
 
-def make_split(n: int, seed: int, split: str) -> list:
+SINGLE_QUESTIONS = ["Where is the bright object?", "Locate the bright structure.",
+                    "Which region is the bright finding?", "Find the hyperintense region."]
+
+
+def make_single_sample(idx: int, rng: random.Random, split: str, grid: int, cells: tuple[int, int] = (2, 3),
+                       coord: bool = True):
+    """One bright rectangle on a dark noise background, its edges on a ``grid``-pixel lattice.
+
+    With ``grid`` = 14 (the vision patch) every patch is all shape or all background and every box
+    coordinate is one of 9 values (0, 14, ..., 112). ``coord``: the red and green channels carry the
+    pixel's x and y (CoordConv-style coordinate channels, the same ramp in every image) and the blue
+    channel the scan. The tiny random vision tower has only relative (2D rotary) positions, so without
+    them a token's content says nothing about where it is; with them the model must still find the
+    shape in the blue channel and read its edges' coordinates.
+    """
+    from medreasoner.data import Sample
+    from medreasoner.science.keypoints import ground_truth_from_mask
+
+    n = SIZE // grid
+    np_rng = np.random.default_rng(rng.randrange(1 << 30))
+    img = np_rng.integers(0, 50, (SIZE, SIZE), dtype=np.int16)
+    w, h = rng.randint(*cells), rng.randint(*cells)
+    x, y = rng.randint(0, n - w), rng.randint(0, n - h)
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[y * grid:(y + h) * grid, x * grid:(x + w) * grid] = True
+    img[mask] = rng.randint(200, 240) + np_rng.integers(-8, 9, int(mask.sum()))
+    scan = np.clip(img, 0, 255).astype(np.uint8)
+    if coord:
+        ramp = np.round(np.arange(SIZE) * 255 / (SIZE - 1)).astype(np.uint8)
+        rgb = np.stack([np.broadcast_to(ramp[None, :], scan.shape), np.broadcast_to(ramp[:, None], scan.shape),
+                        scan], axis=2)
+    else:
+        rgb = np.repeat(scan[..., None], 3, axis=2)
+    return Sample(id=f"{split}-{idx:04d}", image=np.ascontiguousarray(rgb), mask=mask,
+                  query=rng.choice(SINGLE_QUESTIONS), ground_truth=ground_truth_from_mask(mask),
+                  supercategory="toy", category=f"single:{w}x{h}", data_source="toy_grounding")
+
+
+def make_split(n: int, seed: int, split: str, task: str = "single", grid: int = 14, cells=(2, 3),
+               coord: bool = True) -> list:
     rng = random.Random(seed)
     out = []
     while len(out) < n:
-        s = make_sample(len(out), rng, split)
+        s = (make_single_sample(len(out), rng, split, grid, cells, coord) if task == "single"
+             else make_sample(len(out), rng, split))
         if s is not None:
             out.append(s)
     return out
+
+
+# --- model ----------------------------------------------------------------------------------------
+def widen_tiny_crm(path: Path, a: argparse.Namespace) -> Path:
+    """Re-initialise ``build_tiny_crm``'s checkpoint with a wider/deeper random Qwen2.5-VL (same
+    tokenizer, processor and sidecar): the 64-wide default has too little capacity to localise."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    d = json.loads((path / "config.json").read_text())
+    t, v = d["text_config"], d["vision_config"]
+    t.pop("layer_types", None)
+    heads = max(2, a.hidden // 32)
+    rot = a.hidden // heads // 2  # mrope sections (t, h, w) sum to head_dim / 2
+    t.update(hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_hidden_layers=a.layers,
+             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    t["rope_parameters"]["mrope_section"] = [rot - 2 * (3 * rot // 8), 3 * rot // 8, 3 * rot // 8]
+    v.update(hidden_size=a.vision_hidden, intermediate_size=2 * a.vision_hidden, depth=a.vision_depth,
+             num_heads=max(2, a.vision_hidden // 32), out_hidden_size=a.hidden,
+             fullatt_block_indexes=list(range(a.vision_depth)))
+    keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    config = Qwen2_5_VLConfig(text_config=t, vision_config=v, **{k: d[k] for k in keys})
+    torch.manual_seed(a.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = t["eos_token_id"]
+    model.generation_config.pad_token_id = t["pad_token_id"]
+    model.eval().save_pretrained(path)
+    return path
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -183,6 +256,12 @@ def run_grpo(a, data: Path, base: Path, out: Path) -> Path:
     return out / "final"
 
 
+def _load_state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
 def _log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -222,21 +301,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--prompt", default="direct", choices=["direct", "reasoning"])
+    ap.add_argument("--task", default="single", choices=["single", "shapes"],
+                    help="single: one bright rectangle on a grid; shapes: 2-3 shapes, named by a property")
+    ap.add_argument("--grid", type=int, default=14, help="single task: box edges on this pixel lattice")
+    ap.add_argument("--cells", type=int, nargs=2, default=[2, 3], metavar=("MIN", "MAX"),
+                    help="single task: rectangle sides, in grid cells")
+    ap.add_argument("--no-coord", dest="coord", action="store_false",
+                    help="single task: grey images, no x/y coordinate channels")
+    ap.add_argument("--hidden", type=int, default=128, help="tiny CRM text width (build_tiny_crm's is 64)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vision-hidden", type=int, default=64)
+    ap.add_argument("--vision-depth", type=int, default=2)
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--sft-batch", type=int, default=8)
     ap.add_argument("--sft-lr", type=float, default=2e-3)
     ap.add_argument("--grpo-steps", type=int, default=None)
-    ap.add_argument("--grpo-batch", type=int, default=16, help="completions per step (prompts x generations)")
+    ap.add_argument("--grpo-batch", type=int, default=32, help="completions per step (prompts x generations)")
     ap.add_argument("--num-generations", type=int, default=8)
-    ap.add_argument("--grpo-lr", type=float, default=2e-4)
+    ap.add_argument("--grpo-lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.0)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--max-completion-length", type=int, default=None)
     ap.add_argument("--from-sft", default=None, metavar="DIR",
                     help="reuse this SFT model (a previous run's sft/final) instead of training one: for GRPO tuning")
     a = ap.parse_args(argv)
     quick = {"n_train": 48, "n_test": 16, "sft_steps": 60, "grpo_steps": 8}
-    full = {"n_train": 512, "n_test": 64, "sft_steps": 1500, "grpo_steps": 150}
+    full = {"n_train": 512, "n_test": 128, "sft_steps": 150, "grpo_steps": 300}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -259,7 +349,10 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
-    train, test = make_split(a.n_train, a.seed, "train"), make_split(a.n_test, a.seed + 1000, "test")
+    train = make_split(a.n_train, a.seed, "train", a.task, a.grid, tuple(a.cells), a.coord)
+    test = make_split(a.n_test, a.seed + 1000, "test", a.task, a.grid, tuple(a.cells), a.coord)
+    seen = {s.image.tobytes() for s in train}
+    assert not any(s.image.tobytes() in seen for s in test), "a held-out image is in the training split"
     train_pq = write_parquet(train, out / "data" / "train.parquet")
     write_parquet(test, out / "data" / "test.parquet")
     cfg = MedReasonerArguments(prompt=a.prompt)
@@ -271,6 +364,11 @@ def main(argv=None) -> int:
           f"longest target {answer_tokens} chars; max_completion_length {a.max_completion_length}", flush=True)
 
     base = build_tiny_crm(out / "tiny_crm", format_steps=0, seed=a.seed)
+    if a.hidden != 64 or a.layers != 2 or a.vision_hidden != 32 or a.vision_depth != 2:
+        widen_tiny_crm(base, a)
+    n_params = sum(v.numel() for v in _load_state(base).values())
+    print(f"tiny CRM: hidden {a.hidden} x {a.layers} layers, vision {a.vision_hidden} x {a.vision_depth}, "
+          f"{n_params:,} parameters", flush=True)
     stages: dict[str, dict] = {}
     t0 = time.perf_counter()
     stages["untrained"] = {**evaluate(str(base), test, eval_tokens, a.prompt), "train_seconds": 0.0}
@@ -320,6 +418,10 @@ def main(argv=None) -> int:
     print()
     print(f"toy grounding learning check ({'quick' if a.quick else 'full'}): {len(train)} train / "
           f"{len(test)} held-out, prompt={a.prompt}, torch threads={torch.get_num_threads()}")
+    print(f"task={a.task} grid={a.grid} cells={a.cells} coord={a.coord}; model hidden {a.hidden}x{a.layers}, "
+          f"vision {a.vision_hidden}x{a.vision_depth}; SFT {a.sft_steps} steps lr {a.sft_lr} batch {a.sft_batch}; "
+          f"GRPO {a.grpo_steps} steps lr {a.grpo_lr} batch {a.grpo_batch} gens {a.num_generations} "
+          f"T {a.temperature} beta {a.beta}")
     hdr = f"{'stage':<11}{'soft reward':>13}{'box IoU':>10}{'valid fmt':>11}{'train s':>9}{'wall s':>9}"
     print(hdr)
     print("-" * len(hdr))
@@ -327,7 +429,8 @@ def main(argv=None) -> int:
         print(f"{name:<11}{r['reward']:>13.4f}{r['iou']:>10.4f}{r['valid']:>11.3f}{r['train_seconds']:>9.1f}"
               f"{r['wall_seconds']:>9.1f}")
     print(f"GRPO - SFT: reward {d_reward:+.4f} (target > 0: {'MET' if d_reward > 0 else 'MISSED'}), "
-          f"IoU {d_iou:+.4f} (target >= +0.05: {'MET' if d_iou >= 0.05 else 'MISSED'})")
+          f"IoU {d_iou:+.4f} (target >= +0.05: {'MET' if d_iou >= 0.05 else 'MISSED'}, "
+          f"{d_iou - 0.05:+.4f} vs target)")
     if results["grpo_train_reward_first_last"]:
         f, last = results["grpo_train_reward_first_last"]
         print(f"GRPO training reward: first {k} steps {f:.4f} -> last {k} steps {last:.4f}")
