@@ -87,6 +87,20 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture
+def bundle_scripts():
+    """The MONAI bundle's ``scripts`` package, its root on sys.path as `monai.bundle run` arranges (and
+    model-zoo's tests do); removed again afterwards so other tests see no ``scripts`` module."""
+    bundle = Path(__file__).resolve().parent.parent / "monai_bundle"
+    sys.path.insert(0, str(bundle))
+    import scripts.inference
+
+    yield scripts.inference
+    sys.path.remove(str(bundle))
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
 # Registers the CRM test double's backend ("test-brightest") for in-process CLI/bundle runs.
 import doubles  # noqa: E402,F401
 

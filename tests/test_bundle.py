@@ -144,18 +144,6 @@ def test_metadata_content():
 # ----------------------------------------------------------------------------- workflow properties
 
 
-@pytest.fixture
-def bundle_scripts():
-    """The bundle root on sys.path, as `monai.bundle run` arranges (and model-zoo's tests do)."""
-    sys.path.insert(0, str(BUNDLE))
-    import scripts.inference
-
-    yield scripts.inference
-    sys.path.remove(str(BUNDLE))
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-
-
 def _workflow(*, overlay: bool = False, **override):
     """An initialized ``ConfigWorkflow`` for inference (logging left to pytest)."""
     from monai.bundle import ConfigWorkflow

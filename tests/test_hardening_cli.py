@@ -295,18 +295,6 @@ class TestOutputPaths:
         assert (out / "img" / "result.json").is_file() and not (out / "img" / "notes.txt").exists()
 
 
-@pytest.fixture
-def bundle_scripts():
-    """The bundle root on sys.path, as `monai.bundle run` arranges (as tests/test_bundle.py does)."""
-    sys.path.insert(0, str(BUNDLE))
-    import scripts.inference
-
-    yield scripts.inference
-    sys.path.remove(str(BUNDLE))
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-
-
 def _bundle_parser(**override):
     from monai.bundle import ConfigParser
 

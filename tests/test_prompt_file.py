@@ -404,19 +404,6 @@ def test_worker_with_a_bad_prompt_file_says_fatal_exit_2(tmp_path, capsys):
     assert line["type"] == "fatal" and line["exit_code"] == EXIT_INPUT and "prompt file not found" in line["message"]
 
 
-@pytest.fixture
-def bundle_scripts():
-    """The bundle root on sys.path, as `monai.bundle run` arranges (as tests/test_bundle.py does)."""
-    pytest.importorskip("monai")
-    sys.path.insert(0, str(BUNDLE))
-    import scripts.inference
-
-    yield scripts.inference
-    sys.path.remove(str(BUNDLE))
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-
-
 def _bundle_parser(**override):
     from monai.bundle import ConfigParser
 
