@@ -117,36 +117,72 @@ WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from pathlib import Path
-    import medreasoner.io.files as files
+    import medreasoner.engine.output_sets as sets
     from test_output_sets import result_for
     from medreasoner.engine.writer import StemAllocator, write_result
-    real = files.atomic_write_bytes
-    def slow(path, data):  # widen every window between files
+    real = sets.write_fd
+    pause = []
+    def slow(fd, data):  # widen every window between files; or stop in the middle of writing them
+        real(fd, data)
+        if pause:
+            print("WRITING", flush=True)
+            time.sleep(60)
         time.sleep(0.05)
-        real(path, data)
-    import medreasoner.engine.writer as w
-    w.atomic_write_bytes = slow
+    sets.write_fd = slow
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     stems = StemAllocator(root=out)
     stem = stems.take(src)
     print("STEM", stem, flush=True)
+    pause += sys.argv[3:]
     for k in range(1000):
         write_result(result_for(src, status="ok" if k % 2 else "no_target", tag=str(k)), out / stem, inputs=[src])
         print("WROTE", k, flush=True)
 """)
 
 
+def _writer(tmp_path, *args) -> subprocess.Popen:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(tests=str(ROOT / "tests")))
+    runtime = tmp_path / "runtime"  # the private lock folder: outside the output folder
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_RUNTIME_DIR": str(runtime)}
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-write", "rewrite"])
+def test_kill_9_while_files_are_written_leaves_no_file_at_all(tmp_path, inputs, first, monkeypatch):
+    """Killed while the new set's files are being written: the output folder is byte for byte what it was
+    (nothing new, no temporary file, no work area, no lock), on a first write as on a rewrite."""
+    src, out = inputs / "d1" / "a.png", tmp_path / "out"
+    out.mkdir()
+    if not first:
+        write_result(result_for(src, tag="old"), out / "a", inputs=[src])
+    before = _tree(out)
+    proc = _writer(tmp_path, src, out, "pause")
+    assert proc.stdout.readline().startswith("STEM")
+    assert proc.stdout.readline().startswith("WRITING")  # one file of the new set written, more to come
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ([] if first else ["a"])
+    assert [p.name for p in (tmp_path / "runtime").rglob("*.lock")] == ["a.lock"]  # the dead run's claim...
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "runtime"))
+    recover(out)
+    assert not list((tmp_path / "runtime").rglob("*.lock"))  # ...is cleared by the next run
+
+
 def test_kill_9_at_any_moment_leaves_the_old_or_the_new_set(tmp_path, inputs):
     """A writer rewrites one case over and over; SIGKILL at random moments; every time, the folder holds
     one complete set, and the next run clears what the killed one left in the work area."""
     src, out = inputs / "d1" / "a.png", tmp_path / "out"
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(tests=str(ROOT / "tests")))
     rng = np.random.default_rng(0)
     seen_sets = 0
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, str(script), str(src), str(out)], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = _writer(tmp_path, src, out)
         assert proc.stdout.readline().startswith("STEM")
         time.sleep(0.3 + float(rng.random()) * 0.6)
         proc.send_signal(signal.SIGKILL)

@@ -51,9 +51,9 @@ def bump_patch(version: str) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from medreasoner.io.files import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 def _has_weights(folder: Path) -> bool:

@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python training/sft.py` from anywhere
 
 from medreasoner.constants import CRM_SIDECAR as SIDECAR  # noqa: E402
+from medreasoner.io.files import atomic_write_bytes, atomic_write_with  # noqa: E402
 from training.common import (  # noqa: E402
     MedReasonerArguments,
     is_main_process,
@@ -51,10 +52,8 @@ log = logging.getLogger("medreasoner.training.sft")
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically, so readers never see half a file."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 def _versions() -> dict[str, str]:
@@ -109,10 +108,8 @@ def _plot_loss(log_history: list[dict], path: Path, title: str) -> bool:
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=90)
+    atomic_write_with(path, lambda f: fig.savefig(f, dpi=90, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -218,11 +215,7 @@ def train(med: MedReasonerArguments, args, model_args) -> Path:
         if sidecar is not None:
             shutil.copy2(sidecar, final / SIDECAR)
         history = trainer.state.log_history
-        tmp = out / ".train_log.jsonl.tmp"
-        with tmp.open("w") as f:
-            for row in history:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, out / "train_log.jsonl")
+        atomic_write_bytes(out / "train_log.jsonl", "".join(json.dumps(row) + "\n" for row in history).encode())
         plotted = _plot_loss(history, out / "loss.png", f"SFT {out.name}")
         run_info.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), global_step=trainer.state.global_step,
                         train_metrics=result.metrics, final=str(final), adapter=bool(model_args.use_peft),

@@ -45,8 +45,8 @@ def write_parquet(samples: Iterable[Sample], path: str | Path, *, inputs: Sequen
     schema = _umrg_schema(pa)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(tmp: str) -> None:
-        with pq.ParquetWriter(tmp, schema) as writer:
+    def write(f) -> None:
+        with pq.ParquetWriter(f, schema) as writer:
             for start in range(0, len(samples), _BATCH):
                 rows = [_umrg_row(s) for s in samples[start:start + _BATCH]]
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))

@@ -10,9 +10,9 @@ file name without its image suffix, made unique within the run (``a``, ``a_2``, 
 ``result.json`` is the result record (see ``medreasoner/schemas/result.schema.json``) plus the
 paths written, under ``outputs``.
 
-A case folder is one unit (:mod:`medreasoner.engine.output_sets`): it is written complete in the
-output folder's work area ``OUT/.medreasoner/`` and swapped into place, so an interruption at any
-moment leaves the complete old set or the complete new set. A folder is replaced only when this
+A case folder is one unit (:mod:`medreasoner.engine.output_sets`): its files are encoded in memory,
+written without names, and swapped into place complete, so an interruption at any moment leaves
+the complete old set or the complete new set. A folder is replaced only when this
 tool wrote it for the same input (``result.json`` says which), or when asked (``overwrite``).
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 from medreasoner.constants import IMAGE_SUFFIXES, TINY_WARNING, VOLUME_SUFFIXES
 from medreasoner.engine import output_sets
 from medreasoner.engine.results import ImageResult, VolumeResult
-from medreasoner.io.files import atomic_write_bytes, guard_outputs, json_bytes, png_bytes
+from medreasoner.io.files import guard_outputs, json_bytes, png_bytes
 
 IMAGE_FILES = {"mask": "mask.png", "overlay": "overlay.png", "result": "result.json"}
 VOLUME_FILES = {"mask_nifti": "seg.nii.gz", "mask_seg_nrrd": "seg.seg.nrrd", "montage": "montage.png",
@@ -94,30 +94,25 @@ def write_result(result: ImageResult | VolumeResult, case_dir: str | Path,
                  inputs: Iterable[str | Path | None] = (), overwrite: bool = False) -> dict[str, str]:
     """Write one result's files as one unit into ``case_dir``; returns {kind: path}.
 
-    Never over an input, never over a folder this tool did not write for this input (unless ``overwrite``)."""
+    Never over an input, never over a folder this tool did not write for this input (unless ``overwrite``).
+    Every file is encoded before the first byte reaches the output folder."""
     out = Path(case_dir)
     ins = [Path(p) for p in inputs if p]
     source = next(iter(ins), None)
     output_sets.check_replaceable(out, source, ins, overwrite)
-    staging = output_sets.staging_dir(out)
-    try:
-        if isinstance(result, VolumeResult):
-            outputs = _write_volume(result, staging, ins, final=out)
-        else:
-            outputs = _write_image(result, staging, ins, final=out)
-        output_sets.swap_into_place(staging, out)
-    except BaseException:
-        output_sets.discard(staging)
-        raise
+    if isinstance(result, VolumeResult):
+        files, outputs = _volume_files(result, ins, final=out)
+    else:
+        files, outputs = _image_files(result, ins, final=out)
+    output_sets.commit(out, files)
     return outputs
 
 
-def _write_image(result: ImageResult, out: Path, inputs: list[Path], final: Path) -> dict[str, str]:
-    """Files into ``out`` (the staging folder); the record names them where they will be (``final``)."""
+def _image_files(result: ImageResult, inputs: list[Path], final: Path) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The case folder's files ({name: bytes}) and where they will be (the record names them)."""
     from medreasoner.imaging.overlay import draw_overlay
 
-    paths = {k: out / name for k, name in IMAGE_FILES.items()}
-    guard_outputs(list(paths.values()), inputs)
+    guard_outputs([final / name for name in IMAGE_FILES.values()], inputs)
     record = result.to_record()
     record["outputs"] = {k: str(final / name) for k, name in IMAGE_FILES.items()}
     banner = TINY_WARNING if TINY_WARNING in result.warnings else ""
@@ -125,30 +120,28 @@ def _write_image(result: ImageResult, out: Path, inputs: list[Path], final: Path
     rgb = result.rgb if result.rgb is not None else np.zeros((*result.mask.shape, 3), np.uint8)
     overlay = draw_overlay(rgb, result.mask, result.answer.box, result.answer.points, title=title,
                            text=result.answer.think or result.completion, banner=banner)
-    files = {paths["mask"]: png_bytes(result.mask.astype(np.uint8) * 255), paths["overlay"]: png_bytes(overlay),
-             paths["result"]: json_bytes(record)}  # the record last: it names the other files
-    for path, data in files.items():
-        atomic_write_bytes(path, data)
-    return record["outputs"]
+    files = {IMAGE_FILES["mask"]: png_bytes(result.mask.astype(np.uint8) * 255),
+             IMAGE_FILES["overlay"]: png_bytes(overlay), IMAGE_FILES["result"]: json_bytes(record)}
+    return files, record["outputs"]
 
 
-def _write_volume(result: VolumeResult, out: Path, inputs: list[Path], final: Path) -> dict[str, str]:
-    from medreasoner.io.segmentation import write_segmentation
+def _volume_files(result: VolumeResult, inputs: list[Path], final: Path) -> tuple[dict[str, bytes], dict[str, str]]:
+    from medreasoner.io.segmentation import segmentation_bytes
 
-    paths = {k: out / name for k, name in VOLUME_FILES.items()}
+    names = dict(VOLUME_FILES)
     if result.montage is None:
-        paths.pop("montage")
-    guard_outputs(list(paths.values()), inputs)
+        names.pop("montage")
+    guard_outputs([final / name for name in names.values()], inputs)
     t0 = time.perf_counter()
-    name = result.query[:60]
+    label = result.query[:60]
     repairs = ((result.record.get("input") or {}).get("metadata") or {}).get("repairs") or []
     known = not any("orientation unknown" in r for r in repairs)  # never claim one the input did not have
-    write_segmentation(result.mask, paths["mask_nifti"], name=name, inputs=inputs, orientation_known=known)
-    write_segmentation(result.mask, paths["mask_seg_nrrd"], name=name, inputs=inputs)
+    files = {names["mask_nifti"]: segmentation_bytes(result.mask, ".nii.gz", name=label, orientation_known=known),
+             names["mask_seg_nrrd"]: segmentation_bytes(result.mask, ".seg.nrrd", name=label)}
     if result.montage is not None:
-        atomic_write_bytes(paths["montage"], png_bytes(result.montage))
+        files[names["montage"]] = png_bytes(result.montage)
     record = result.to_record()
     record.setdefault("timings_s", {})["write"] = round(time.perf_counter() - t0, 4)
-    record["outputs"] = {k: str(final / v.name) for k, v in paths.items()}
-    atomic_write_bytes(paths["result"], json_bytes(record))
-    return record["outputs"]
+    record["outputs"] = {k: str(final / name) for k, name in names.items()}
+    files[names["result"]] = json_bytes(record)
+    return files, record["outputs"]

@@ -2,31 +2,119 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import stat
+import sys
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from medreasoner.errors import InputError
 
 
-def atomic_write_with(path: Path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
-    """Let ``write(tmp_path)`` fill a temporary file in the same folder, then rename it over ``path``:
-    readers never see half a file, and a failed write leaves nothing behind. ``suffix`` lets writers
-    that choose a format by extension (SimpleITK) see the real one."""
+def anonymous_file(folder: str | os.PathLike) -> int | None:
+    """A file with no name yet in ``folder`` (Linux ``O_TMPFILE``): it takes a name only when published
+    with :func:`link_file`, and a kill before that leaves nothing on disk. None where unsupported."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None:
+        return None
+    try:
+        return os.open(folder, flag | os.O_RDWR, 0o644)
+    except OSError:  # a file system or kernel without O_TMPFILE
+        return None
+
+
+def write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def link_file(fd: int, path: str | os.PathLike) -> None:
+    """Give the anonymous file ``fd`` the name ``path`` in one step; FileExistsError if the name is taken."""
+    libc = system_libc()
+    target = os.fsencode(str(path))
+    at_fdcwd, at_symlink_follow, at_empty_path = -100, 0x400, 0x1000
+    if libc is not None:
+        if libc.linkat(fd, b"", at_fdcwd, target, at_empty_path) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EPERM, errno.ENOENT, errno.EINVAL):  # those: no CAP_DAC_READ_SEARCH; try /proc
+            raise _os_error(err, path)
+        if libc.linkat(at_fdcwd, os.fsencode(f"/proc/self/fd/{fd}"), at_fdcwd, target, at_symlink_follow) == 0:
+            return
+        raise _os_error(ctypes.get_errno(), path)
+    raise OSError(errno.ENOSYS, "linkat is not available", str(path))
+
+
+def _os_error(err: int, path: Any) -> OSError:
+    if err == errno.EEXIST:
+        return FileExistsError(err, os.strerror(err), str(path))
+    return OSError(err, os.strerror(err), str(path))
+
+
+_SYSTEM_LIBC: list = []
+
+
+def system_libc():
+    """The C library (for linkat/renameat2, which Python does not wrap), or None off Linux."""
+    if not _SYSTEM_LIBC:
+        try:
+            _SYSTEM_LIBC.append(ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None)
+        except OSError:
+            _SYSTEM_LIBC.append(None)
+    return _SYSTEM_LIBC[0]
+
+
+def publish(fd: int, path: Path) -> None:
+    """Name the complete anonymous file ``fd`` ``path``, replacing any file there atomically. A name
+    that exists only for the two calls of a replacement is the only trace a kill can leave."""
+    try:
+        link_file(fd, path)
+        return
+    except FileExistsError:
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    link_file(fd, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Let ``write(file)`` fill a new file, then give it the name ``path`` (replacing the old one):
+    readers never see half a file, and a failed or killed write leaves nothing behind (the file has no
+    name until it is complete, where the system allows; elsewhere a temporary ``.NAME.*.tmp`` beside it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    fd = anonymous_file(path.parent)
+    if fd is not None:
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                write(f)
+            os.fsync(fd)
+            publish(fd, path)
+            return path
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+        finally:
+            os.close(fd)
+    tmp_fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
+        with os.fdopen(tmp_fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -36,7 +124,7 @@ def atomic_write_with(path: Path, write: Callable[[str], None], suffix: str = ".
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write_with(path, lambda f: f.write(data))
 
 
 def png_bytes(image) -> bytes:

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medreasoner.constants import SEGMENTATION_SUFFIXES
 from medreasoner.errors import InputError
-from medreasoner.io.files import atomic_write_with, guard_outputs
+from medreasoner.io.files import atomic_write_bytes, guard_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK
-
-
-
-from medreasoner.constants import SEGMENTATION_SUFFIXES
 
 
 def _segmentation_suffix(path: Path) -> str:
@@ -60,22 +58,32 @@ def _slicer_fields(mask: np.ndarray, name: str, color: tuple[float, float, float
 def write_segmentation(mask: SimpleITK.Image, path: str | os.PathLike, *, name: str = "target",
                        color: tuple[float, float, float] = (1.0, 0.0, 0.0),
                        inputs: Iterable[str | os.PathLike] = (), orientation_known: bool = True) -> Path:
-    """Write a binary mask as a uint8 labelmap; the format follows the suffix.
+    """Write a binary mask as a uint8 labelmap; the format follows the suffix (see
+    :func:`segmentation_bytes`). The file appears atomically and never over one of ``inputs``."""
+    out = Path(path)
+    suffix = _segmentation_suffix(out)
+    guard_outputs([out], [Path(p) for p in inputs if p])
+    data = segmentation_bytes(mask, suffix, name=name, color=color, orientation_known=orientation_known)
+    atomic_write_bytes(out, data)
+    return out
 
-    ``orientation_known=False`` (an input whose header had none): a NIfTI output says so too (qform and
-    sform codes 0, "unknown" in NIfTI terms) instead of claiming a scanner orientation.
+
+def segmentation_bytes(mask: SimpleITK.Image, suffix: str, *, name: str = "target",
+                       color: tuple[float, float, float] = (1.0, 0.0, 0.0), orientation_known: bool = True) -> bytes:
+    """A binary mask encoded as a uint8 labelmap file of format ``suffix``, in memory.
 
     ``.seg.nrrd`` gets the header fields 3D Slicer reads as a segmentation with one segment named
-    ``name``; ``.nii``/``.nii.gz``/``.nrrd``/``.mha`` are plain labelmaps. The file appears atomically
-    (temporary file in the same folder, then rename) and never over one of ``inputs``.
+    ``name``; ``.nii``/``.nii.gz``/``.nrrd``/``.mha`` are plain labelmaps. ``orientation_known=False``
+    (an input whose header had none): a NIfTI says so too (qform and sform codes 0, "unknown" in NIfTI
+    terms) instead of claiming a scanner orientation. SimpleITK writes only to named files, so the
+    encoding passes through the system's temporary folder, never through the output folder.
     """
     import SimpleITK as sitk
 
     from medreasoner.io.volumes import _first_line
 
-    out = Path(path)
-    suffix = _segmentation_suffix(out)
-    guard_outputs([out], [Path(p) for p in inputs if p])
+    if suffix not in SEGMENTATION_SUFFIXES:
+        raise InputError(f"cannot write a segmentation as {suffix!r}; use one of {', '.join(SEGMENTATION_SUFFIXES)}")
     if not isinstance(mask, sitk.Image):
         raise InputError(f"mask must be a SimpleITK image (use DisplayStack.to_volume_mask), got {type(mask)}")
     if mask.GetNumberOfComponentsPerPixel() != 1:
@@ -95,16 +103,15 @@ def write_segmentation(mask: SimpleITK.Image, path: str | os.PathLike, *, name: 
             raise InputError(f".seg.nrrd needs a 3D mask, got {labels.GetDimension()}D")
         for key, value in _slicer_fields(sitk.GetArrayViewFromImage(labels), name, rgb).items():
             labels.SetMetaData(key, value)
-
-    def write(tmp: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="medreasoner-seg-") as tmp_dir:
+        tmp = str(Path(tmp_dir) / f"mask{suffix}")
         try:
             sitk.WriteImage(labels, tmp, True)
         except RuntimeError as exc:
-            raise OSError(f"could not write {out}: {_first_line(exc)}") from exc
+            raise OSError(f"could not encode the mask as {suffix}: {_first_line(exc)}") from exc
         if not orientation_known and suffix in (".nii", ".nii.gz"):
             _mark_orientation_unknown(tmp)
-
-    return atomic_write_with(out, write, suffix=f".tmp{suffix}")
+        return Path(tmp).read_bytes()
 
 
 def _mark_orientation_unknown(path: str) -> None:
