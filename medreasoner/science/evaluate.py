@@ -328,7 +328,7 @@ def run_shard(samples, session, out: Path, shard: Shard, options=None, events=No
                 events.progress(Stage.EVALUATE, kept, len(mine))
     except CancelledError as exc:
         raise stopped(str(exc)) from exc
-    done_marker.write_text(str(len(mine)))
+    atomic_write_bytes(done_marker, str(len(mine)).encode())  # other ranks read it: never half a file
     return path
 
 
