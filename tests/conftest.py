@@ -101,6 +101,25 @@ def bundle_scripts():
         del sys.modules[name]
 
 
+@pytest.fixture
+def bundle_parser(bundle_scripts):
+    """``bundle_parser(**override)``: the bundle's inference config parsed with an override dict, as
+    ``monai.bundle run --key value`` would (model-zoo's override-dict tests)."""
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parent.parent / "monai_bundle" / "configs"
+
+    def make(**override) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config(str(configs / "inference.json"))
+        parser.read_meta(str(configs / "metadata.json"))
+        parser.update(override)
+        parser.parse()
+        return parser
+
+    return make
+
+
 # Registers the CRM test double's backend ("test-brightest") for in-process CLI/bundle runs.
 import doubles  # noqa: E402,F401
 

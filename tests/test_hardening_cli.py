@@ -295,26 +295,15 @@ class TestOutputPaths:
         assert (out / "img" / "result.json").is_file() and not (out / "img" / "notes.txt").exists()
 
 
-def _bundle_parser(**override):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
-    parser.update(override)
-    parser.parse()
-    return parser
-
-
 class TestBundleOutputDir:
     @pytest.mark.parametrize("case", ["parent_is_file", "existing_file", "name_too_long"])
-    def test_bad_output_dir_is_refused_where_options_are(self, case, bundle_scripts, tmp_path, caplog):
+    def test_bad_output_dir_is_refused_where_options_are(self, case, bundle_scripts, bundle_parser, tmp_path, caplog):
         out = _bad_out(tmp_path, case=case, command="bundle")
         before = _files(tmp_path)
         with pytest.raises(SystemExit) as exc:
             bundle_scripts.output_dir_option(out)
         assert exc.value.code == EXIT_INPUT and "bad output_dir" in caplog.text
-        parser = _bundle_parser(output_dir=out)
+        parser = bundle_parser(output_dir=out)
         with pytest.raises(SystemExit) as exc:
             parser.get_parsed_content("postprocessing")  # built with the evaluator, before SessionLoader
         assert exc.value.code == EXIT_INPUT

@@ -404,24 +404,13 @@ def test_worker_with_a_bad_prompt_file_says_fatal_exit_2(tmp_path, capsys):
     assert line["type"] == "fatal" and line["exit_code"] == EXIT_INPUT and "prompt file not found" in line["message"]
 
 
-def _bundle_parser(**override):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
-    parser.update(override)
-    parser.parse()
-    return parser
-
-
-def test_bundle_prompt_file_override(bundle_scripts, prompt_file, tmp_path, caplog):
-    options = _bundle_parser(prompt_file=str(prompt_file)).get_parsed_content("network_def").model_options
+def test_bundle_prompt_file_override(bundle_parser, prompt_file, tmp_path, caplog):
+    options = bundle_parser(prompt_file=str(prompt_file)).get_parsed_content("network_def").model_options
     assert options.prompt_file == str(prompt_file) and options.prompt_template().text == TEMPLATE
     for unset in (None, "null"):  # the default, and `--prompt_file null` on a command line
-        assert _bundle_parser(prompt_file=unset).get_parsed_content("model_options").prompt_file is None
+        assert bundle_parser(prompt_file=unset).get_parsed_content("model_options").prompt_file is None
     with pytest.raises(SystemExit) as exc:
-        _bundle_parser(prompt_file=str(tmp_path / "gone.txt")).get_parsed_content("network_def")
+        bundle_parser(prompt_file=str(tmp_path / "gone.txt")).get_parsed_content("network_def")
     assert exc.value.code == EXIT_INPUT and "prompt file not found" in caplog.text
 
 
