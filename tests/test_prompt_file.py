@@ -33,7 +33,6 @@ from medreasoner.models.prompts import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DOUBLES = ROOT / "tests" / "doubles.py"
-BUNDLE = ROOT / "monai_bundle"
 QUERY = "Which structure would explain this patient's abdominal pain?"
 # our own words: the project never ships the reference method's prompt text
 TEMPLATE = ("Image question: {question}\nReply as <think>...</think><answer>{{\"bbox\": [x1, y1, x2, y2], "
