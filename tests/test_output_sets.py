@@ -74,6 +74,36 @@ def test_a_folder_the_tool_did_not_write_is_never_replaced(tmp_path, inputs):
     assert not (user / "liver_mask.png").exists() and complete_set(user)["status"] == "ok"
 
 
+def test_outputs_get_the_mode_any_new_file_gets(tmp_path, inputs):
+    """Not the 0600 of a private temporary file: colleagues on a shared workstation can read results."""
+    old = os.umask(0o022)
+    try:
+        write_result(result_for(inputs / "d1" / "a.png"), tmp_path / "out" / "a", inputs=[inputs / "d1" / "a.png"])
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out" / "a").iterdir()} == {oct(0o644)}
+
+
+@pytest.mark.parametrize("target", ["user-folder", "our-results", "dangling"])
+def test_a_case_folder_that_is_a_symlink_is_never_followed(tmp_path, inputs, target):
+    """Even with ``--overwrite``: replacing a link would delete the files it points to."""
+    src, out = inputs / "d1" / "a.png", tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    if target == "user-folder":
+        elsewhere.mkdir()
+        (elsewhere / "keep.txt").write_text("mine")
+    elif target == "our-results":
+        write_result(result_for(src, tag="old"), elsewhere, inputs=[src])
+    out.mkdir()
+    (out / "a").symlink_to(elsewhere)
+    before = _tree(elsewhere) if elsewhere.exists() else {}
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="symbolic link"):
+            write_result(result_for(src), out / "a", inputs=[src], overwrite=overwrite)
+    assert (out / "a").is_symlink() and sorted(p.name for p in out.iterdir()) == ["a"]
+    assert (_tree(elsewhere) if elsewhere.exists() else {}) == before
+
+
 def test_rerun_replaces_the_whole_set_and_a_no_target_leaves_nothing_stale(tmp_path, inputs):
     src, case = inputs / "d1" / "a.png", tmp_path / "out" / "a"
     write_result(result_for(src, tag="first"), case, inputs=[src])

@@ -66,6 +66,9 @@ def same_input(recorded: Any, source: Any) -> bool:
 def check_replaceable(case_dir: Path, source: Any, inputs: list[Path], overwrite: bool) -> None:
     """Refuse to replace a folder holding an input, or one this tool did not write for ``source``."""
     case_dir = Path(case_dir)
+    if case_dir.is_symlink():  # replacing it would swap the link, and deleting "the old set" would follow it
+        raise InputError(f"refusing to replace {case_dir}: it is a symbolic link (to {os.readlink(case_dir)}), "
+                         "not a folder this tool wrote; remove the link or choose another --out folder")
     resolved = case_dir.resolve()
     for p in inputs:
         rp = Path(p).resolve()
@@ -161,6 +164,9 @@ def _unlink_all(folder: Path) -> list[int]:
     """Remove ``folder`` and its files, keeping each file open: unlinking an open file only drops its
     name, so the names go in microseconds and the slow part (freeing the data) waits for the close."""
     held = []
+    if os.path.islink(folder):  # never follow a link into someone else's folder
+        os.unlink(folder)
+        return held
     try:
         for entry in os.scandir(folder):
             if entry.is_file(follow_symlinks=False):

@@ -26,7 +26,7 @@ def anonymous_file(folder: str | os.PathLike) -> int | None:
     if flag is None:
         return None
     try:
-        return os.open(folder, flag | os.O_RDWR, 0o644)
+        return os.open(folder, flag | os.O_RDWR, 0o666)  # the umask decides, as for any new file
     except OSError:  # a file system or kernel without O_TMPFILE
         return None
 
@@ -112,6 +112,7 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             os.close(fd)
     tmp_fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: outputs get the mode any new file would
         with os.fdopen(tmp_fd, "wb") as f:
             write(f)
             f.flush()
@@ -121,6 +122,12 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
