@@ -106,6 +106,41 @@ def test_evaluate_resumes_after_interruption(tiny_models, umrg_parquet, tmp_path
     assert final[:2] == first
 
 
+def test_resume_reuses_only_work_from_the_same_data_models_and_prompt(tiny_models, umrg_parquet, tmp_path):
+    from dataclasses import replace
+
+    from medreasoner.cli import build_parser, model_options
+    from medreasoner.data import load_samples
+    from medreasoner.engine import RunOptions, Session, load_models
+
+    out = tmp_path / "eval"
+    session = Session(load_models(model_options(build_parser().parse_args(_args(tiny_models, umrg_parquet, out)))))
+    samples = load_samples(umrg_parquet, split="test")
+    calls = []
+    original = session.ground_images
+    session.ground_images = lambda images, queries, *a, **kw: calls.append(len(images)) or original(images, queries,
+                                                                                                   *a, **kw)
+
+    def run(data, **options) -> int:
+        calls.clear()
+        run_shard(data, session, out, Shard(), options=RunOptions(**options))
+        return sum(calls)
+
+    assert run(samples) == 6
+    assert run(samples) == 0  # the same work: all reused
+    changed = list(samples)
+    changed[3] = replace(samples[3], query="Which structure is enlarged?")
+    changed[4] = replace(samples[4], image=samples[4].image[::-1].copy())
+    assert run(changed) == 2  # a new question, new pixels: those two again
+    records = {r["id"]: r for r in read_jsonl(Shard().path(out))}
+    assert len(records) == 6 and records["s3"]["query"] == "Which structure is enlarged?"
+    assert run(changed, prompt="direct") == 6  # another prompt: nothing reused
+    session.models.crm.generation.max_new_tokens = 60
+    assert run(changed, prompt="direct") == 6  # other generation settings: nothing reused
+    assert run(changed, prompt="direct") == 0
+    assert len(read_jsonl(Shard().path(out))) == 6
+
+
 @pytest.mark.multiprocess
 def test_two_ranks_under_torchrun_merge(tiny_models, umrg_parquet, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))

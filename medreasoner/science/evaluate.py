@@ -273,6 +273,48 @@ def _check_resume_protocol(previous: list[dict], protocol: str, path: Path) -> N
                          f"protocol, or write the {protocol} run to another --out folder")
 
 
+def resume_run_key(session, options, protocol: str) -> str:
+    """What a finished record must have been made with to be reused: the weights (fingerprints, not
+    paths: a moved folder is the same model), dtype, generation and image size, the prompt text, the
+    run options and the protocol. Not the device or batch size."""
+    from dataclasses import asdict
+
+    from medreasoner.models.prompts import prompt_record
+
+    crm = dict(session.models.crm.describe())
+    asm = dict(session.models.asm.describe())
+    crm.pop("device", None)
+    for d, path_key in ((crm, "model"), (asm, "checkpoint")):
+        if d.get("fingerprint"):
+            d.pop(path_key, None)
+    opts = asdict(options)
+    key = {"crm": crm, "asm": asm, "prompt": prompt_record(session.models.crm, options.prompt),
+           "options": {k: opts[k] for k in ("prompt", "window", "keep_largest") if k in opts}, "protocol": protocol}
+    return _digest(json.dumps(key, sort_keys=True, default=str).encode())
+
+
+def sample_key(sample) -> str:
+    """The sample's content: image pixels, question, ground-truth box/points and mask."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for arr in (sample.image, sample.mask):
+        if arr is None:
+            h.update(b"none")
+        else:
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+    h.update(json.dumps([sample.query, sample.ground_truth], sort_keys=True, default=str).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def run_shard(samples, session, out: Path, shard: Shard, options=None, events=None,
               save_masks: bool = True, protocol: str = "robust") -> Path:
     """Evaluate this rank's share of ``samples`` through ``session`` (a ``medreasoner.engine.Session``)
@@ -292,9 +334,16 @@ def run_shard(samples, session, out: Path, shard: Shard, options=None, events=No
     done_marker.unlink(missing_ok=True)
     previous = read_jsonl(path)
     _check_resume_protocol(previous, protocol, path)
-    _compact(path, previous)  # drop a half-written last line before appending
-    finished = {r["id"] for r in previous}
     mine = [s for i, s in enumerate(samples) if i % shard.world == shard.rank]
+    run_key = resume_run_key(session, options, protocol)
+    keys = {s.id: {"run": run_key, "sample": sample_key(s)} for s in mine}
+    reusable = [r for r in previous if r.get("resume_key") is not None and r.get("resume_key") == keys.get(r["id"])]
+    stale = len(previous) - len(reusable)
+    _compact(path, reusable)  # drops a half-written last line, and work from other data, models or prompts
+    if stale:
+        events.log(f"{stale} earlier record(s) in {path} came from other data, models, prompt or settings "
+                   "(or an older version): they are evaluated again", level="warning")
+    finished = {r["id"] for r in reusable}
     todo = [s for s in mine if s.id not in finished]
     kept = len(mine) - len(todo)
 
@@ -319,6 +368,7 @@ def run_shard(samples, session, out: Path, shard: Shard, options=None, events=No
                                                     events)
                     done = [(record_for(s, res, think), res.mask) for s, res in zip(batch, results)]
                 for s, (record, mask) in zip(batch, done):
+                    record["resume_key"] = keys[s.id]
                     if save_masks:
                         atomic_write_bytes(out / "masks" / f"{s.id}.png", png_bytes(mask.astype(np.uint8) * 255))
                     f.write(json.dumps(record) + "\n")
