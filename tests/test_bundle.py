@@ -710,3 +710,28 @@ def test_outputs_have_exactly_the_input_grid(geometry_run, orient, fmt):
 
         assert np.allclose(nib.load(str(case / "seg.nii.gz")).affine, nib.load(str(image)).affine, atol=1e-4)
     assert _json(case / "result.json")["input"]["direction"] == pytest.approx(list(src.GetDirection()), abs=1e-6)
+
+
+@pytest.mark.parametrize("prefix", ["$", "@", "%"])
+def test_a_query_monai_would_evaluate_is_refused_before_anything_runs(tmp_path, prefix):
+    """MONAI's parser runs ``$...`` as Python and substitutes ``@``/``%``: a typed question is never code.
+    (A ``%`` naming a file that does not exist fails inside MONAI's parser, before any bundle code runs.)"""
+    text = {"$": '$__import__("pathlib").Path("PWNED").touch()', "@": "@crm", "%": f"%{META}#version"}
+    proc, summary = _bundle(tmp_path, "--image", str(tmp_path / "any.png"), "--query", text[prefix],
+                            "--output_dir", str(tmp_path / "out"), crm=str(tmp_path / "crm"), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"--query starts with '{prefix}'" in proc.stderr and "--query_file" in proc.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists() and summary is None
+
+
+def test_query_file_passes_any_text_literally(tmp_path, ct_path):
+    question = '$__import__("os") @crm %x#y -- "quoted", {question}\nsecond line'
+    qfile = tmp_path / "q.txt"
+    qfile.write_text(question + "\n")
+    code, summary = _in_process(image=ct_path, query_file=str(qfile), output_dir=str(tmp_path / "out"))
+    assert code in (0, 4) and summary[0]["query"] == question
+    record = json.loads(Path(summary[0]["outputs"]["result"]).read_text())
+    assert record["query"] == question
+    for bad, msg in ((tmp_path / "none.txt", "not found"), (tmp_path, "is a folder")):
+        assert _in_process(image=ct_path, query_file=str(bad), output_dir=str(tmp_path / "o2"))[0] == 2, msg
+    assert _in_process(image=ct_path, query="q", query_file=str(qfile), output_dir=str(tmp_path / "o3"))[0] == 2

@@ -22,6 +22,7 @@ used, placeholder included) and ``prompt_source`` (``builtin:NAME``, ``file:PATH
 from __future__ import annotations
 
 import hashlib
+import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,9 +149,13 @@ def text_of_file(data: bytes, where: str, error: type[Exception] = InputError) -
 
 
 def _read_bytes(path: Path, where: str, error: type[Exception]) -> bytes:
-    if not path.exists():
-        raise error(f"prompt file not found: {where}")
-    if path.is_dir():
+    from medreasoner.io.files import check_input_path
+
+    try:
+        st = check_input_path(path, "prompt file")  # a FIFO would block the read forever
+    except InputError as exc:
+        raise error(str(exc)) from exc
+    if stat.S_ISDIR(st.st_mode):
         raise error(f"prompt file {where} is a folder; give the template file")
     try:
         size = path.stat().st_size

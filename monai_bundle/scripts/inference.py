@@ -132,13 +132,60 @@ def _checked(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"image": c["image"], "query": c["query"].strip(), "case": stems.take(c["image"])} for c in cases]
 
 
-def single_case(image: Any = None, query: Any = None, dataset_dir: Any = None) -> list[dict[str, Any]]:
-    """``dataset#data`` of ``inference.json``: the one case ``--image`` + ``--query``.
+# MONAI's config parser reads a value that starts with one of these as syntax, not text: "$" runs it
+# as Python, "@" and "%" substitute other config content. A question typed after --query must never
+# be code, so such a value is refused before anything runs; --query_file passes any text literally.
+CONFIG_SYNTAX_PREFIXES = ("$", "@", "%")
+TEXT_OPTIONS = ("query",)
+
+
+def refuse_config_syntax_in_text(argv: list[str] | None = None) -> None:
+    """First item of ``run`` in ``inference.json`` (evaluated before anything that reads the query): refuse
+    ``--query`` values MONAI would evaluate. Reads the raw command line, since by the time a config
+    value reaches a script MONAI has already evaluated it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        for name in TEXT_OPTIONS:
+            value = None
+            if arg == f"--{name}" and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(f"--{name}="):
+                value = arg.split("=", 1)[1]
+            if value is not None and value.lstrip().startswith(CONFIG_SYNTAX_PREFIXES):
+                raise fail(f"--{name} starts with {value.lstrip()[0]!r}, which MONAI's config parser runs as code or "
+                           f"a reference, not text; put the question in a file and pass --{name}_file FILE",
+                           EXIT_INPUT)
+
+
+def query_from_file(path: Any) -> str | None:
+    """``--query_file FILE``: the question, read literally (UTF-8, one question; surrounding blank
+    space dropped), for text MONAI's parser or the shell would change."""
+    from medreasoner.errors import InputError
+    from medreasoner.io.files import read_text_file
+
+    text = _text(path)
+    if text is None:
+        return None
+    try:
+        question = read_text_file(text, "query file", max_bytes=MAX_QUERY_FILE_BYTES).strip()
+    except InputError as exc:
+        raise fail(str(exc), EXIT_INPUT) from exc
+    if not question:
+        raise fail(f"query file {text} holds no question", EXIT_INPUT)
+    return question
+
+
+MAX_QUERY_FILE_BYTES = 1 << 20
+
+
+def single_case(image: Any = None, query: Any = None, dataset_dir: Any = None,
+                query_file: Any = None) -> list[dict[str, Any]]:
+    """``dataset#data`` of ``inference.json``: the one case ``--image`` + ``--query`` (or ``--query_file``).
 
     With neither given the list is empty: the bundle still parses (``check_properties``, MONAI
     tools that set ``dataset_data`` themselves) and ``run`` stops with "nothing to do" (exit 2).
     """
-    image, query = _text(image), _text(query)
+    image, query = _text(image), _query(query, query_file)
     if _text(dataset_dir) and not image:
         raise fail(f"dataset_dir needs the batch overlay: --config_file \"['configs/inference.json',"
                    f"'{BATCH_OVERLAY}']\"", EXIT_INPUT)
@@ -168,7 +215,13 @@ def _read_rows(folder: Path) -> list[dict[str, Any]]:
     raise fail(f"dataset_dir {folder} has neither cases.csv nor cases.json", EXIT_INPUT)
 
 
-def case_list(dataset_dir: Any, query: Any = None, image: Any = None) -> list[dict[str, Any]]:
+def _query(query: Any, query_file: Any) -> str | None:
+    if _text(query) is not None and _text(query_file) is not None:
+        raise fail("give either query or query_file, not both", EXIT_INPUT)
+    return query_from_file(query_file) if _text(query_file) is not None else _text(query)
+
+
+def case_list(dataset_dir: Any, query: Any = None, image: Any = None, query_file: Any = None) -> list[dict[str, Any]]:
     """``dataset#data`` of the ``batch_inference.json`` overlay: the cases in ``dataset_dir``.
 
     ``cases.csv`` (columns image,query) or ``cases.json``; relative image paths resolve against the
@@ -182,7 +235,7 @@ def case_list(dataset_dir: Any, query: Any = None, image: Any = None) -> list[di
     folder = Path(folder_text).expanduser()
     if not folder.is_dir():
         raise fail(f"dataset_dir not found or not a folder: {folder}", EXIT_INPUT)
-    default_query = _text(query)
+    default_query = _query(query, query_file)
     cases = []
     for n, row in enumerate(_read_rows(folder), start=1):
         path = _text(row.get("image"))
