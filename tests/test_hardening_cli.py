@@ -511,6 +511,28 @@ class TestCheckpointFolder:
             assert not (tmp_path / "out").exists()
 
 
+    @pytest.mark.slow  # imports transformers
+    @pytest.mark.parametrize("damage", ["chat template", "sidecar not JSON", "sidecar a list"])
+    def test_a_broken_template_or_sidecar_is_a_model_error_before_the_weights_load(self, damage, tmp_path):
+        """Never a Jinja traceback at the first question, never a run with other settings than the
+        checkpoint was trained with (the sidecar names its prompt and image size)."""
+        from medreasoner.models.tiny import build_tiny_crm
+
+        real = Path(build_tiny_crm(tmp_path / "tiny", format_steps=0))
+        needle = {"chat template": "chat template of CRM", "sidecar not JSON": "not JSON",
+                  "sidecar a list": "must hold a JSON object"}[damage]
+        if damage == "chat template":
+            (real / "chat_template.jinja").write_text("{% if %}")
+        else:
+            (real / "medreasoner_crm.json").write_text("not json" if damage == "sidecar not JSON" else "[1, 2]")
+        p = _cli("ground", "--image", str(_png(tmp_path / "x.png")), "--query", QUERY, "--crm", str(real),
+                 "--device", "cpu", "--progress", "none", "--out", str(tmp_path / "out"), timeout=300)
+        assert p.returncode == EXIT_MODEL, p.stderr[-2000:]
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------- argv
 
 

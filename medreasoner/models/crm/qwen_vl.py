@@ -106,16 +106,19 @@ def check_checkpoint_files(folder: str | Path) -> None:
 
 
 def _read_sidecar(path: str) -> dict[str, Any]:
+    """The checkpoint's ``medreasoner_crm.json`` (prompt, image size it was trained with), or {} when
+    there is none. A damaged one is a load error: running without it would silently use other
+    settings than the ones the checkpoint was trained with."""
     f = Path(path) / SIDECAR
-    if f.is_file():
-        try:
-            data = json.loads(f.read_text())
-            if isinstance(data, dict):
-                return data
-            log.warning("ignoring %s: not a JSON object", f)
-        except ValueError:
-            log.warning("ignoring unreadable %s", f)
-    return {}
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"CRM file {f} is unreadable or not JSON ({exc}); fix or remove it") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"CRM file {f} must hold a JSON object; fix or remove it")
+    return data
 
 
 def sidecar_prompt_template(folder: str | Path) -> PromptTemplate | None:
@@ -173,6 +176,7 @@ class QwenVLCRM(CRM):
                 self.model_id, padding_side="left", trust_remote_code=trust_remote_code
             )
             self._check_image_size()
+            self._check_chat_template()
             self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kwargs)
         except ModelLoadError:
             raise
@@ -188,6 +192,17 @@ class QwenVLCRM(CRM):
         self._torch = torch
         if self.is_tiny:
             log.warning("CRM %s is a TINY TEST MODEL: its answers are meaningless", self.model_id)
+
+    def _check_chat_template(self) -> None:
+        """Render the chat template once before the weights load: a broken template is a load error
+        naming it, not a Jinja traceback on the first question."""
+        from medreasoner.models.prompts import messages_for
+
+        try:
+            self.processor.apply_chat_template(messages_for("check"), tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - Jinja syntax/undefined errors and a missing template alike
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"the chat template of CRM {self.model_id} cannot be rendered: {first}") from exc
 
     def _check_image_size(self) -> None:
         """Warn when the requested square is above this checkpoint's processor cap: the processor
