@@ -10,6 +10,7 @@ at least one input (an empty mask and the reason are written); 130 cancelled.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -724,11 +725,28 @@ def _one_line(message: str) -> str:
     return "; ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "unknown error"
 
 
+# Options naming files or folders: "~/x" means the home folder in every one of them, quoted or not
+# (a shell expands an unquoted ~ only at the start of a word, so "--image=~/a.png" arrives as typed).
+PATH_OPTIONS = ("image", "volume", "data", "out", "crm", "asm_checkpoint", "prompt_file", "images", "masks",
+                "queries", "volumes", "labels")
+
+
+def _expand_user_paths(args) -> None:
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                                 for v in value])
+
+
 def main(argv: list[str] | None = None) -> int:
     from medreasoner.errors import ModelLoadError
 
     parser = build_parser()
     args = parser.parse_args(join_dash_values(list(sys.argv[1:] if argv is None else argv), parser))
+    _expand_user_paths(args)
     _setup_output(args)
     handler = {"ground": cmd_ground, "segment-volume": cmd_segment_volume, "evaluate": cmd_evaluate,
                "build-dataset": cmd_build_dataset, "make-tiny": cmd_make_tiny, "models": cmd_models,
@@ -755,6 +773,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(EXIT_CANCELLED, "cancelled", str(exc))
     except KeyboardInterrupt:
         return fail(EXIT_CANCELLED, "cancelled", interrupts.message())
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        name = str(exc.filename or "")
+        shown = name if len(name) <= 80 else f"{name[:60]}...{name[-15:]}"
+        return fail(EXIT_INPUT, "input", f"a path is too long for this file system ({len(name)} characters): {shown}")
     finally:
         interrupts.restore()
 

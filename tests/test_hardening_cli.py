@@ -409,6 +409,52 @@ class TestModelOptions:
         assert main(argv) == EXIT_INPUT
         _one_line_error(capsys.readouterr().err, message)
 
+    @pytest.mark.parametrize("extra,message", [
+        (["--slices", "44"], "slice range must look like 'start:stop' (stop exclusive; 44:45 is the one slice 44)"),
+        (["--slices", "4:5:6"], "slice range must look like 'start:stop'"),
+        (["--slices", "a:b"], "slice range bounds must be whole numbers"),
+        (["--window", "1.2.3,400"], "unknown window '1.2.3,400'"),
+    ])
+    def test_slice_and_window_syntax_is_checked_before_the_volume_is_read(self, extra, message, tmp_path,
+                                                                         no_model_loads, capsys):
+        argv = ["segment-volume", "--volume", str(tmp_path / "missing.nii.gz"), "--query", QUERY,
+                "--out", str(tmp_path / "o"), "--crm-backend", "test-brightest", "--crm", "double", *extra]
+        assert main(argv) == EXIT_INPUT
+        _one_line_error(capsys.readouterr().err, message)
+
+    def test_model_files_named_on_the_command_line_are_checked_before_any_model_loads(self, tmp_path,
+                                                                                      no_model_loads, capsys):
+        """A missing or FIFO ASM checkpoint / prompt file: exit 2 in one line (a FIFO would block the read);
+        a base URL that is not http(s): an option error (2), not a model error."""
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        base = ["ground", "--image", str(_png(tmp_path / "x.png")), "--query", QUERY, "--out", str(tmp_path / "o"),
+                "--progress", "none"]
+        for extra, message in ((["--asm-checkpoint", str(tmp_path / "nope.pth")], "ASM checkpoint not found"),
+                               (["--asm-checkpoint", str(fifo)], "is not a regular file (it is a named pipe"),
+                               (["--asm-checkpoint", str(tmp_path)], "is a folder; give the weights file"),
+                               (["--prompt-file", str(fifo)], "is not a regular file (it is a named pipe"),
+                               (["--crm-backend", "openai", "--crm", "m", "--base-url", "file:///etc/passwd"],
+                                "base_url must be an http(s) URL")):
+            assert main([*base, *extra]) == EXIT_INPUT, extra
+            _one_line_error(capsys.readouterr().err, message)
+        assert not (tmp_path / "o").exists()
+
+    @pytest.mark.parametrize("option", ["--image", "--prompt-file", "--crm"])
+    def test_a_path_too_long_for_the_file_system_is_one_line(self, option, tmp_path, no_model_loads, capsys):
+        long = str(tmp_path / ("A" * 5000))
+        argv = ["ground", "--image", str(_png(tmp_path / "x.png")), "--query", QUERY, "--out", str(tmp_path / "o"),
+                "--progress", "none", option, long]
+        assert main(argv) == EXIT_INPUT
+        _one_line_error(capsys.readouterr().err, "a path is too long for this file system (5")
+
+    def test_a_tilde_means_home_in_every_path_option(self, tmp_path, monkeypatch, no_model_loads, capsys):
+        monkeypatch.setenv("HOME", str(tmp_path))
+        _png(tmp_path / "x.png")
+        assert main(["ground", "--image", "~/missing.png", "--query", QUERY, "--out", "~/o", "--progress",
+                     "none"]) == EXIT_INPUT
+        _one_line_error(capsys.readouterr().err, f"image file not found: {tmp_path / 'missing.png'}")
+
     def test_the_worker_checks_the_same_options(self, tmp_path):
         p = _cli("worker", "--crm-backend", "test-brightest", "--crm", "double", "--device", "bogus",
                  "--plugins", str(TESTS / "doubles.py"))

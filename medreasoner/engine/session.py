@@ -101,6 +101,7 @@ class RunOptions:
             parse_window(self.window)
         else:
             self.window = None
+        strat.slice_bounds(self.slice_range)  # its syntax now; the bounds once the volume is read
         return self
 
     @classmethod

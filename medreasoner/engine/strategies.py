@@ -22,18 +22,41 @@ MAX_CANDIDATES = 5
 MIN_TRACKED_AREA = 10  # propagation stops where the mask falls below this many pixels
 
 
-def parse_slice_range(text: str | tuple[int, int] | None, n: int) -> tuple[int, int]:
-    """'a:b' (b exclusive, either side optional) or (a, b) -> checked [a, b) within [0, n)."""
-    if text in (None, "", "null"):
-        return 0, n
-    if isinstance(text, str):
-        try:
-            a, _, b = text.partition(":")
-            lo, hi = int(a) if a.strip() else 0, int(b) if b.strip() else n
-        except ValueError as exc:
-            raise InputError(f"slice range must look like 'start:stop', got {text!r}") from exc
+def slice_bounds(value: str | tuple | list | None) -> tuple[int | None, int | None] | None:
+    """The syntax of a slice range, before the volume is known: 'a:b' (b exclusive, either side
+    optional), or a pair (a, b) as request messages send it -> (a or None, b or None); None = all."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
+        return None
+    if isinstance(value, str):
+        a, colon, b = value.strip().partition(":")
+        if not colon or ":" in b:
+            raise InputError(f"slice range must look like 'start:stop' (stop exclusive; 44:45 is the one slice 44), "
+                             f"got {value!r}")
+        parts = [a, b]
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        parts = list(value)
     else:
-        lo, hi = int(text[0]), int(text[1])
+        raise InputError(f"slice range must be 'start:stop' or a pair [start, stop], got {value!r}")
+    bounds = []
+    for part in parts:
+        if part is None or (isinstance(part, str) and not part.strip()):
+            bounds.append(None)
+            continue
+        if isinstance(part, bool) or (isinstance(part, float) and not part.is_integer()):
+            raise InputError(f"slice range bounds must be whole numbers, got {value!r}")
+        try:
+            bounds.append(int(part))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"slice range bounds must be whole numbers, got {value!r}") from exc
+    return bounds[0], bounds[1]
+
+
+def parse_slice_range(text: str | tuple[int, int] | None, n: int) -> tuple[int, int]:
+    """A slice range (see :func:`slice_bounds`) -> checked [a, b) within [0, n)."""
+    bounds = slice_bounds(text)
+    if bounds is None:
+        return 0, n
+    lo, hi = 0 if bounds[0] is None else bounds[0], n if bounds[1] is None else bounds[1]
     if not (0 <= lo < hi <= n):
         raise InputError(f"slice range {lo}:{hi} is outside the volume's {n} slices (valid: 0 <= start < stop <= {n})")
     return lo, hi

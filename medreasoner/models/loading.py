@@ -7,6 +7,7 @@ Label app all call :func:`load_models` with a :class:`ModelOptions`; nothing els
 from __future__ import annotations
 
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,12 @@ class ModelOptions:
                 raise InputError(f"image_size must be between {MIN_CRM_IMAGE_SIZE} and {MAX_CRM_IMAGE_SIZE} pixels, "
                                  f"got {size} ({IMAGE_SIZE_LIMITS})")
         check_device_name(self.device)
+        if self.crm_backend == "openai":
+            from medreasoner.models.crm.openai_compat import checked_base_url
+
+            checked_base_url(self.base_url)
+        if self.asm_checkpoint is not None and str(self.asm_checkpoint).strip():
+            check_local_weights(str(self.asm_checkpoint).strip())
         if self.prompt_file is not None:
             self.prompt_file = str(self.prompt_file)
             self.prompt_template()  # read and checked now: a bad template costs milliseconds, not a model load
@@ -87,6 +94,20 @@ class ModelOptions:
         from medreasoner.models.prompts import load_prompt_file
 
         return None if self.prompt_file is None else load_prompt_file(self.prompt_file)
+
+
+def check_local_weights(checkpoint: str) -> None:
+    """An ASM checkpoint that names a local file must be one (``repo:file`` and hub ids pass): a
+    missing file costs milliseconds here, not a CRM load, and a FIFO never blocks the load."""
+    from medreasoner.io.files import check_input_path
+
+    path = Path(checkpoint).expanduser()
+    local = checkpoint.startswith((".", "/", "~")) or (checkpoint.endswith((".pt", ".pth")) and ":" not in checkpoint)
+    if not local and not path.exists():
+        return
+    st = check_input_path(path, "ASM checkpoint")
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"ASM checkpoint {checkpoint} is a folder; give the weights file (.pt/.pth)")
 
 
 # The square the CRM sees. 28 = one 2x2 group of Qwen2.5-VL's 14-pixel patches (the processor rounds

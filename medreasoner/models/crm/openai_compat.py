@@ -31,7 +31,7 @@ import numpy as np
 
 from medreasoner.constants import DEFAULT_CRM_IMAGE_SIZE as DEFAULT_IMAGE_SIZE
 from medreasoner.constants import DEFAULT_OPENAI_BASE_URL as DEFAULT_BASE_URL
-from medreasoner.errors import ModelLoadError
+from medreasoner.errors import InputError, ModelLoadError
 from medreasoner.imaging.resize import ResizeMap, target_size
 from medreasoner.models.crm.base import CRM, CRMAnswer, GenerationConfig, answer_in_original_pixels
 from medreasoner.models.prompts import PromptKind, builtin_template
@@ -43,6 +43,17 @@ log = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _BODY_LIMIT = 500  # characters of a server's error body quoted in our messages
 
+
+
+def checked_base_url(base_url: Any) -> str:
+    """The server's API root (a trailing ``/chat/completions`` dropped); InputError unless http(s)."""
+    url = str(base_url or "").strip().rstrip("/")
+    if url.endswith("/chat/completions"):
+        url = url[: -len("/chat/completions")]
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InputError(f"base_url must be an http(s) URL such as {DEFAULT_BASE_URL}, got {base_url!r}")
+    return url
 
 class _Retryable(Exception):
     """A failure worth another try (connection refused, timeout, 5xx); the message says which."""
@@ -114,12 +125,10 @@ class OpenAICompatCRM(CRM):
         self.model_id = str(model)
         if not self.model_id:
             raise ModelLoadError("the openai backend needs the served model name (e.g. the hub id given to vllm serve)")
-        url = str(base_url).strip().rstrip("/")
-        if url.endswith("/chat/completions"):
-            url = url[: -len("/chat/completions")]
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ModelLoadError(f"base_url must be an http(s) URL such as {DEFAULT_BASE_URL}, got {base_url!r}")
+        try:
+            url = checked_base_url(base_url)
+        except InputError as exc:
+            raise ModelLoadError(str(exc)) from exc
         self.base_url = url
         self.endpoint = url + "/chat/completions"
         self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or "EMPTY"
@@ -133,7 +142,7 @@ class OpenAICompatCRM(CRM):
         self.max_retries = max(0, int(max_retries))
         self.concurrency = max(1, int(concurrency))
         # Loopback servers are reached directly, whatever HTTP(S)_PROXY says; others honour it.
-        handlers = [urllib.request.ProxyHandler({})] if parts.hostname in _LOOPBACK else []
+        handlers = [urllib.request.ProxyHandler({})] if urllib.parse.urlsplit(url).hostname in _LOOPBACK else []
         self._opener = urllib.request.build_opener(*handlers)
         if _ignored:
             log.debug("openai CRM backend ignores %s", ", ".join(sorted(_ignored)))
