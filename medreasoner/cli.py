@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-dataset", help="write a U-MRG-format parquet from your own labelled 2D or 3D data")
     b.add_argument("--out", required=True, help="parquet file to write")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if this tool did not write it (a parquet it wrote is replaced anyway)")
     b.add_argument("--images", help="2D: folder of images")
     b.add_argument("--masks", help="2D: folder of masks (same stem as the image)")
     b.add_argument("--queries", help="2D: queries .jsonl/.json ({image, query, [mask, id, supercategory, category]})")
@@ -446,6 +448,9 @@ def preflight(args, interrupts: Interrupts) -> Checked:
         checked.out = check_output_dir(args.out, option="the output folder")
     elif command == "build-dataset":
         checked.out = check_output_file(args.out)
+        from medreasoner.data.parquet import check_replaceable_file
+
+        check_replaceable_file(checked.out, args.overwrite)
         if args.volumes and not args.labels:
             raise InputError("--volumes needs --labels (a JSON file mapping label -> query)")
         if not args.volumes and not (args.images and args.masks and args.queries):

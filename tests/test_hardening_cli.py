@@ -261,6 +261,18 @@ class TestOutputPaths:
         assert main(_command("build-dataset", inputs, str(inputs))) == EXIT_INPUT
         _one_line_error(capsys.readouterr().err, "is a folder; give the path of the file to write")
 
+    def test_build_dataset_never_replaces_a_file_it_did_not_write(self, tmp_path, inputs, capsys):
+        out = tmp_path / "mine.parquet"
+        out.write_text("precious")
+        assert main(_command("build-dataset", inputs, str(out))) == EXIT_INPUT
+        _one_line_error(capsys.readouterr().err, f"refusing to replace {out}: this tool did not write it")
+        assert out.read_text() == "precious"
+        assert main([*_command("build-dataset", inputs, str(out)), "--overwrite", "--progress", "none"]) == 0
+        from medreasoner.data.parquet import written_by_us
+
+        assert written_by_us(out)
+        assert main([*_command("build-dataset", inputs, str(out)), "--progress", "none"]) == 0  # ours: replaced
+
     def test_the_check_creates_nothing_and_passes_good_paths(self, tmp_path):
         new = tmp_path / "a" / "b" / "c"
         assert check_output_dir(new) == new and not (tmp_path / "a").exists()

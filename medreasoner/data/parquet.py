@@ -78,7 +78,32 @@ def _umrg_schema(pa):
         ("extra_info", pa.struct([("id", pa.string()), ("supercategory", pa.string()), ("category", pa.string()),
                                   ("reasoning", pa.string()), ("metadata", pa.string())])),
     ])
-    return schema.with_metadata({b"huggingface": json.dumps({"info": {"features": hf_features}}).encode()})
+    return schema.with_metadata({b"huggingface": json.dumps({"info": {"features": hf_features}}).encode(),
+                                 WRITER_KEY: b"build-dataset"})
+
+
+# The parquet's schema metadata says this tool wrote it: only such a file is replaced without --overwrite.
+WRITER_KEY = b"medreasoner"
+
+
+def written_by_us(path: str | Path) -> bool:
+    """True when ``path`` is a parquet file this tool wrote (its schema metadata says so)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return WRITER_KEY in (pq.read_schema(str(path)).metadata or {})
+    except Exception:  # noqa: BLE001 - not parquet, unreadable, damaged: not ours
+        return False
+
+
+def check_replaceable_file(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse to replace a file this tool did not write (unless ``overwrite``)."""
+    p = Path(path)
+    if overwrite or not (p.exists() or p.is_symlink()):
+        return
+    if p.is_symlink() or not p.is_file() or not written_by_us(p):
+        raise InputError(f"refusing to replace {p}: this tool did not write it; choose another --out file, "
+                         "or pass --overwrite")
 
 
 def _umrg_row(s: Sample) -> dict:
