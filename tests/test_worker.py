@@ -50,9 +50,14 @@ def test_parse_message_and_check_ground(tmp_path):
                         ({"options": {"strategy": "magic"}}, "unknown strategy"),
                         ({"options": {"colour": 1}}, "unknown run option"), ({"out_dir": None}, "out_dir"),
                         ({"options": {"n_candidates": "five"}}, "n_candidates must be a whole number"),
+                        ({"options": {"slice_range": [44.5, "x"]}}, "slice range bounds must be whole numbers"),
+                        ({"options": {"slice_range": "44"}}, "slice range must look like 'start:stop'"),
+                        ({"queries": [5]}, "the query must be text"),
+                        ({"input": "/tmp/" + "A" * 100_000}, r"input path is too long .*\(100005 characters\)"),
                         ({"extra": 1}, "unknown request field")]:
-        with pytest.raises(InputError, match=why):
+        with pytest.raises(InputError, match=why) as exc:
             check_ground({**good, **change})
+        assert len(str(exc.value)) < 400  # a huge path is never echoed back whole
 
 
 class _LineSink:

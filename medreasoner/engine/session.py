@@ -40,7 +40,9 @@ PROMPTS = ("reasoning", "direct")
 
 
 def check_query(query: Any) -> str:
-    if not isinstance(query, str) or not query.strip():
+    if query is not None and not isinstance(query, str):
+        raise InputError(f"the query must be text (a question about the image), got {type(query).__name__}")
+    if not query or not query.strip():
         raise InputError("the query is empty; type a question about the image")
     return query.strip()
 

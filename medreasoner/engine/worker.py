@@ -21,6 +21,7 @@ Requests run one at a time on a worker thread while a reader thread keeps readin
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -76,6 +77,7 @@ def _valid_id(value: Any) -> bool:
 def check_ground(msg: dict[str, Any]) -> GroundRequest:
     """Validate a ``ground`` message without touching the models; ``InputError`` says what is wrong."""
     from medreasoner.engine.session import RunOptions, check_query
+    from medreasoner.io.files import check_input_path
 
     unknown = sorted(set(msg) - {"v", "type", "id", "input", "queries", "options", "out_dir"})
     if unknown:
@@ -83,8 +85,7 @@ def check_ground(msg: dict[str, Any]) -> GroundRequest:
     source = msg.get("input")
     if not isinstance(source, str) or not source.strip():
         raise InputError("'input' must be the path of a volume or image file")
-    if not Path(source).exists():
-        raise InputError(f"input not found: {source}")
+    check_input_path(source, "input")
     queries = msg.get("queries")
     if isinstance(queries, str):
         queries = [queries]
@@ -103,9 +104,12 @@ def check_ground(msg: dict[str, Any]) -> GroundRequest:
     return GroundRequest(msg["id"], source, queries, run_options, Path(out_dir))
 
 
+MAX_MESSAGE_CHARS = 2000  # a protocol line quotes what it was sent; a 20 MB path must not come back whole
+
+
 def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS - 20] + f"... ({len(text)} chars)"
 
 
 class _RequestEvents(Events):
@@ -273,6 +277,12 @@ class Worker:
             return {"type": "cancelled", "id": rid}
         except InputError as exc:
             return {"type": "error", "id": rid, "kind": "input", "message": one_line(exc)}
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                log.exception("request %r failed", rid)
+                return {"type": "error", "id": rid, "kind": "internal", "message": one_line(exc)}
+            return {"type": "error", "id": rid, "kind": "input",
+                    "message": f"a path in the request is too long for this file system ({len(str(exc.filename))} chars)"}
         except Exception as exc:  # one failed request must not take the worker down
             log.exception("request %r failed", rid)
             return {"type": "error", "id": rid, "kind": "internal", "message": one_line(exc)}

@@ -185,22 +185,26 @@ def check_input_path(path: str | os.PathLike, what: str) -> os.stat_result:
     block. ``what`` starts the message: "volume", "image file".
     """
     p = Path(path)
+    shown = _shown(p)
     try:
         st = os.stat(p)
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InputError(f"{what} path is too long for this file system ({len(str(p))} characters): "
+                             f"{shown}") from exc
         if exc.errno == errno.ELOOP:
-            raise InputError(f"{what} {p} is a symlink loop (links that point back to each other); "
+            raise InputError(f"{what} {shown} is a symlink loop (links that point back to each other); "
                              "fix the link or give the real file") from exc
         if p.is_symlink():
-            raise InputError(f"{what} not found: {p} is a symlink to {os.readlink(p)}, which does not exist") \
+            raise InputError(f"{what} not found: {shown} is a symlink to {os.readlink(p)}, which does not exist") \
                 from exc
         if exc.errno in (errno.EACCES, errno.EPERM):
-            raise InputError(f"cannot open {what} {p}: permission denied") from exc
+            raise InputError(f"cannot open {what} {shown}: permission denied") from exc
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise InputError(f"{what} not found: {p}") from exc
-        raise InputError(f"cannot open {what} {p}: {exc.strerror or exc}") from exc
+            raise InputError(f"{what} not found: {shown}") from exc
+        raise InputError(f"cannot open {what} {shown}: {exc.strerror or exc}") from exc
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise InputError(f"{what} {p} is not a regular file (it is a {_file_kind(st.st_mode)}); "
+        raise InputError(f"{what} {shown} is not a regular file (it is a {_file_kind(st.st_mode)}); "
                          "give a file saved on disk")
     return st
 
@@ -225,6 +229,12 @@ def read_text_file(path: str | os.PathLike, what: str, max_bytes: int) -> str:
         return data.decode("utf-8-sig").replace("\r\n", "\n")
     except UnicodeDecodeError as exc:
         raise InputError(f"{what} {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+
+
+def _shown(path: Path, n: int = 160) -> str:
+    """A path as messages show it: a 20 MB path would make the one-line message unreadable."""
+    text = str(path)
+    return text if len(text) <= n else f"{text[:n // 2]}...{text[-n // 4:]} ({len(text)} characters)"
 
 
 def _file_kind(mode: int) -> str:
