@@ -333,6 +333,10 @@ BAD_REQUESTS = [
      "may not set image"),
     ("unknown strategy", dict(image="phantom", params={"query": "q", "strategy": "magic"}), 400, "unknown strategy"),
     ("unknown axis", dict(image="phantom", params={"query": "q", "axis": "oblique"}), 400, "unknown axis"),
+    ("slice range pair of junk", dict(image="phantom", params={"query": "q", "slice_range": [44.5, "x"]}), 400,
+     "slice range bounds must be whole numbers"),
+    ("slice range without a colon", dict(image="phantom", params={"query": "q", "slice_range": "3"}), 400,
+     "slice range must look like 'start:stop'"),
     ("bad key slice", dict(image="phantom", params={"query": "q", "key_slice": "middle"}), 400, "key slice"),
     ("bad result extension", dict(image="phantom", params={"query": "q", "result_extension": ".exe"}), 400,
      "result_extension"),
@@ -363,6 +367,10 @@ def test_bad_requests_get_a_4xx_with_a_clear_message_and_the_server_keeps_servin
     assert requests.get(server.url + "/info/", timeout=30).status_code == 200
     status, record, _, _ = post_infer(server.url, image="phantom", params={"query": "Still there?", **VOLUME_OPTIONS})
     assert status == 200 and record["status"] == "ok" and record["query"] == "Still there?"
+    # JSON params may give the slice range as a [start, stop] pair, as the worker protocol does
+    status, record, _, _ = post_infer(server.url, image="phantom", params={"query": "A pair?", **VOLUME_OPTIONS,
+                                                                           "slice_range": [2, 4]})
+    assert status == 200 and record["slice_range"] == [2, 4]
 
 
 def test_eight_concurrent_questions_each_get_their_own_answer(server, files):
@@ -426,6 +434,13 @@ def test_real_tiny_qwen_crm_answers_over_http(qwen_server, files, tmp_path):
     validate_record(record)
     assert record["status"] in ("ok", "no_target") and TINY_WARNING in record["warnings"]
     assert record["crm"]["tiny_test_model"] is True and record["counts"]["crm_calls"] == 1
+    # the server's folders are never named to clients: the weights by name (and fingerprint) only
+    assert record["crm"]["model"] == "crm" and record["crm"]["fingerprint"]
+    assert "/" not in str(record["asm"].get("checkpoint") or "")
+    import requests
+
+    described = requests.get(qwen_server.url + "/info/", timeout=30).json()["models"][TASK]["description"]
+    assert str(tmp_path.anchor) + "tmp" not in described and "CRM crm " in described
     assert np.asarray(Image.open(io.BytesIO(data))).shape == (56, 64)
 
 

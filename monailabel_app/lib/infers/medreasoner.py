@@ -54,7 +54,8 @@ def run_options(params: dict[str, Any]) -> RunOptions:
         values[key] = str(_scalar(params.get(key)) or getattr(defaults, key)).strip().lower()
     values["window"] = _auto(params.get("window"))
     values["key_slice"] = _auto(params.get("key_slice"))
-    values["slice_range"] = _auto(params.get("slice_range"))
+    raw_range = params.get("slice_range")  # a [start, stop] pair (JSON params) or "start:stop"
+    values["slice_range"] = raw_range if isinstance(raw_range, (list, tuple)) else _auto(raw_range)
     values["key_point"] = _key_point(params.get("key_point"))
     n = _auto(params.get("n_candidates"))
     if n is not None:
@@ -109,11 +110,22 @@ def write_label(mask, ext: str, dtype: str, name: str) -> str:
     return path
 
 
+def public_models(description: dict[str, Any]) -> dict[str, Any]:
+    """A model description as clients see it: local weights by file or folder name, never the server's
+    path (hub ids stay whole; the fingerprint still identifies the weights exactly)."""
+    out = dict(description)
+    for key in ("model", "checkpoint"):
+        value = out.get(key)
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith((".", "~")) or os.path.exists(value)):
+            out[key] = Path(value.rstrip("/\\")).name
+    return out
+
+
 class MedReasonerInfer(InferTask):
     """Free-text question -> CRM box + key points -> ASM mask, for 3D volumes and 2D images."""
 
     def __init__(self, session: Session):
-        crm = session.models.crm.describe()
+        crm = public_models(session.models.crm.describe())
         tiny = " TINY TEST MODEL: answers have no medical meaning." if session.models.is_tiny else ""
         super().__init__(
             type=InferType.SEGMENTATION, labels=["target"], dimension=3,
@@ -161,6 +173,9 @@ class MedReasonerInfer(InferTask):
             mask = _as_single_slice(mask)
         label = write_label(mask, ext, dtype, query[:60])
         record["input"] = {**record.get("input", {}), "path": shown_as}
+        for key in ("crm", "asm"):
+            if isinstance(record.get(key), dict):
+                record[key] = public_models(record[key])
         record["image"] = shown_as
         record["label_names"] = {query[:60]: 1}  # the Slicer client names the segment after this
         logger.info("medreasoner: done %s %r: %s in %.2f s, counts %s", shown_as, query[:80], record["status"],
