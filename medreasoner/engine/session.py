@@ -297,7 +297,7 @@ class Session:
         results = []
         for im, q, (a, seg) in zip(loaded, queries, asked):
             h, w = im.rgb.shape[:2]
-            warnings = self._warnings()
+            warnings = self._warnings() + list(getattr(im, "warnings", []))  # the reader's (NaN pixels, ...)
             if a.answer.repairs:
                 warnings.append("answer repaired: " + "; ".join(a.answer.repairs))
             if seg is not None:
@@ -329,7 +329,7 @@ class Session:
     def ground_volume(self, volume: Any, query: str, options: RunOptions | None = None,
                       events: Events | None = None) -> VolumeResult:
         """Ground one question on a 3D volume (a path, a ``SimpleITK.Image`` or a ``Volume``)."""
-        from medreasoner.imaging.windowing import choose_window, intensity_range
+        from medreasoner.imaging.windowing import check_volume_window, choose_window, intensity_range
 
         t_start = time.perf_counter()
         options = (options or RunOptions()).checked()
@@ -344,6 +344,16 @@ class Session:
         lo_i, hi_i = slice_bounds(n, options)
         key_slice = options.key_slice
         win = choose_window(vol, query, options.window)
+        window_warnings = []
+        if win is not None:
+            try:
+                check_volume_window(vol, win)  # one grey everywhere: nothing for the CRM to read
+            except InputError:
+                if options.window is not None:
+                    raise  # the user's window: say so
+                window_warnings.append(f"the CT window {win.center:g},{win.width:g} chosen from the question shows "
+                                       "nothing of this volume (one grey level); 0.5-99.5 percentiles used instead")
+                win = None
         low, high = intensity_range(vol, win)
         frames = _SliceFrames(self, prepared, options.axis, low, high, run)
         fractions = strat.foreground_fractions(stack.raw, low, high, range(lo_i, hi_i))
@@ -379,7 +389,7 @@ class Session:
         status = Status.OK if masks else Status.NO_TARGET
         per_slice = [self._slice_report(it, chosen) for it in asked]
         message = "" if masks else strat.no_target_reason(per_slice)
-        warnings = self._warnings() + list(vol.warnings)
+        warnings = self._warnings() + list(vol.warnings) + window_warnings
         key_report = next((p for p in per_slice if p["slice"] == chosen), None)
         record = {
             "schema_version": RESULT_SCHEMA_VERSION, "kind": "volume",

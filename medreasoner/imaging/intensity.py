@@ -43,6 +43,15 @@ WINDOW_PRESETS: dict[str, Window] = {
 }
 
 
+# A decimal number as a person types it: 40, -600, .5, 1e5, +40 (not "1.2.3" or ".").
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?"
+_CENTER_WIDTH = re.compile(rf"\s*({_NUMBER})\s*[,/: ]\s*({_NUMBER})\s*")
+
+
+def _unknown_window(window: str) -> InputError:
+    return InputError(f"unknown window {window!r}; use one of {', '.join(WINDOW_PRESETS)} or 'center,width'")
+
+
 def parse_window(window: str | Window | tuple | list) -> Window:
     """A preset name, 'center,width', a Window or (center, width) -> a checked Window."""
     if isinstance(window, Window):
@@ -51,12 +60,13 @@ def parse_window(window: str | Window | tuple | list) -> Window:
         key = window.strip().lower()
         if key in WINDOW_PRESETS:
             return WINDOW_PRESETS[key]
-        numbers = re.fullmatch(r"\s*(-?[\d.]+(?:e-?\d+)?)\s*[,/: ]\s*([\d.]+(?:e-?\d+)?)\s*", key)
+        numbers = _CENTER_WIDTH.fullmatch(key)
         if numbers is None:
-            raise InputError(
-                f"unknown window {window!r}; use one of {', '.join(WINDOW_PRESETS)} or 'center,width'"
-            )
-        w = Window(float(numbers.group(1)), float(numbers.group(2)))
+            raise _unknown_window(window)
+        try:  # the pattern admits only numbers float() reads; kept so a slip cannot crash the CLI
+            w = Window(float(numbers.group(1)), float(numbers.group(2)))
+        except ValueError as exc:
+            raise _unknown_window(window) from exc
     elif isinstance(window, (tuple, list)) and len(window) == 2:
         try:
             w = Window(float(window[0]), float(window[1]))
@@ -68,8 +78,38 @@ def parse_window(window: str | Window | tuple | list) -> Window:
             f"got {window!r}"
         )
     if not (math.isfinite(w.center) and math.isfinite(w.width)) or w.width <= 0:
-        raise InputError(f"window width must be a positive number (center {w.center}, width {w.width})")
+        raise InputError(f"window width must be a positive number (center {w.center:g}, width {w.width:g})")
     return w
+
+
+def check_window_shows_data(window: Window, low: float | None, high: float | None, where: str = "") -> None:
+    """Refuse a window under which every pixel/voxel of data spanning ``low..high`` (its finite range)
+    gets the same grey level: the model would see a blank picture. The mapping is monotone, so the two
+    ends of the range decide. Shared by 2D (``image_from_array``) and 3D callers."""
+    if low is None or high is None:
+        return  # no finite values: the blank check refuses that with its own words
+    ends = _scale(np.array([low, high], np.float64), window.low, window.high)
+    if ends[0] != ends[1]:
+        return
+    if high <= window.low or low >= window.high:
+        how = "lies outside"
+    else:
+        how = "is too wide for"
+    prefix = f"{where}: " if where else ""
+    raise InputError(f"{prefix}window {window.center:g}\u00b1{window.width / 2:g} {how} the data range "
+                     f"{low:g}..{high:g}; every pixel would be the same (grey {int(ends[0])}); "
+                     "choose a window inside the data range")
+
+
+def fill_nonfinite(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """NaN/inf replaced as a viewer shows them: NaN and -inf as ``low``, +inf as ``high``."""
+    return np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+
+
+def nonfinite_warning(n_bad: int, unit: str = "pixel") -> str:
+    """The note recorded when ``n_bad`` values are NaN or infinite (shown as ``fill_nonfinite`` does)."""
+    return (f"{n_bad} {unit}(s) are NaN or infinite; NaN and -inf are shown as the window minimum, "
+            "+inf as the maximum")
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -80,13 +120,12 @@ def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def scale_to_uint8(values: np.ndarray, window: Window | None = None) -> tuple[np.ndarray, str]:
-    """Scale one channel to uint8 by a window, or by robust percentiles of the finite values."""
+    """Scale one channel to uint8 by a window, or by robust percentiles of the finite values;
+    NaN/inf as ``fill_nonfinite``."""
     values = np.asarray(values, dtype=np.float32)
     finite = np.isfinite(values)
-    if not finite.all():
-        values = np.where(finite, values, np.nan)
     if window is not None:
-        out = _scale(np.nan_to_num(values, nan=window.low), window.low, window.high)
+        out = _scale(fill_nonfinite(values, window.low, window.high), window.low, window.high)
         return out, f"window center {window.center:g} width {window.width:g}"
     vals = values[finite]
     if vals.size == 0:
@@ -96,12 +135,31 @@ def scale_to_uint8(values: np.ndarray, window: Window | None = None) -> tuple[np
         lo, hi = float(vals.min()), float(vals.max())
     if hi <= lo:  # constant image
         return np.full(values.shape, 0, np.uint8), "constant image"
-    out = _scale(np.nan_to_num(values, nan=lo), float(lo), float(hi))
+    out = _scale(fill_nonfinite(values, float(lo), float(hi)), float(lo), float(hi))
     return out, f"percentiles {LOW_PERCENTILE}-{HIGH_PERCENTILE} ({lo:g}..{hi:g})"
 
 
-def to_rgb_uint8(pixels: np.ndarray, window: Window | None = None) -> tuple[np.ndarray, str]:
-    """Return (H, W, 3) uint8 and a short description of what was done to the intensities."""
+def integer_colour_to_uint8(colour: np.ndarray, where: str = "image array") -> tuple[np.ndarray, str]:
+    """Integer RGB to uint8 without wrapping: 0..255 as 8-bit, up to 65535 as 16-bit (top byte);
+    negative or wider values have no colour meaning and are refused."""
+    if colour.dtype == np.uint8:
+        return colour, "8-bit colour"
+    lo, hi = int(colour.min(initial=0)), int(colour.max(initial=0))
+    if lo < 0:
+        raise InputError(f"{where}: colour pixels are negative (min {lo}); colour channels must be 0..255 "
+                         "or 0..65535; save a grey image or rescale the colours")
+    if hi > 65535:
+        raise InputError(f"{where}: colour pixels exceed 16 bits (max {hi}); colour channels must be 0..255 "
+                         "or 0..65535")
+    if hi > 255:
+        return (colour.astype(np.uint32) >> 8).astype(np.uint8), "16-bit colour to 8-bit"
+    return colour.astype(np.uint8), f"{colour.dtype} colour in 0..255 taken as 8-bit"
+
+
+def to_rgb_uint8(pixels: np.ndarray, window: Window | None = None,
+                 where: str = "image array") -> tuple[np.ndarray, str]:
+    """Return (H, W, 3) uint8 and a short description of what was done to the intensities
+    (``where`` names the input in refusals)."""
     a = np.asarray(pixels)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -117,29 +175,42 @@ def to_rgb_uint8(pixels: np.ndarray, window: Window | None = None) -> tuple[np.n
         raise ValueError(f"expected a 2D grey or colour image, got array of shape {a.shape}")
     colour = a[..., :3] if a.shape[-1] >= 3 else np.repeat(a[..., :1], 3, axis=2)
     alpha = a[..., -1] if a.shape[-1] in (2, 4) else None
-    if colour.dtype == np.uint8:
-        rgb, how = colour, "8-bit colour"
-    elif np.issubdtype(colour.dtype, np.integer) and colour.max(initial=0) > 255:
-        rgb, how = (colour.astype(np.uint32) >> 8).astype(np.uint8), "16-bit colour to 8-bit"
+    if colour.dtype == np.bool_:
+        rgb, how = colour.astype(np.uint8) * 255, "binary colour"
     elif np.issubdtype(colour.dtype, np.integer):
-        rgb, how = colour.astype(np.uint8), "8-bit colour"
+        rgb, how = integer_colour_to_uint8(colour, where)
     else:
         f = colour.astype(np.float32)
         fin = f[np.isfinite(f)]
         if fin.size and fin.min() >= 0 and fin.max() <= 1.0:
-            rgb, how = np.rint(np.nan_to_num(f) * 255).astype(np.uint8), "float 0-1 colour"
+            rgb, how = np.rint(fill_nonfinite(f, 0.0, 1.0) * 255).astype(np.uint8), "float 0-1 colour"
         else:
             rgb, how = scale_to_uint8(f, window)
             how = "float colour, " + how
     if alpha is not None:
+        alpha = fill_nonfinite(alpha.astype(np.float32), 0.0, 1.0) if alpha.dtype.kind == "f" else alpha
         amax = 255.0 if alpha.dtype == np.uint8 else float(max(alpha.max(initial=0), 1))
-        w = alpha.astype(np.float32)[..., None] / amax
-        if (w < 1).any():  # composite on black: what a viewer shows for a transparent PNG
-            rgb = np.rint(rgb.astype(np.float32) * w).astype(np.uint8)
-            how += ", alpha composited on black"
+        w = np.clip(alpha.astype(np.float32)[..., None] / amax, 0.0, 1.0)
+        if (w < 1).any():
+            rgb, background = composite_alpha(rgb, w)
+            how += f", alpha composited on {background}"
+            if background == "white":
+                how += " (the colour is flat: the picture is only in the alpha, on black it would be blank)"
         else:
             how += ", opaque alpha dropped"
     return np.ascontiguousarray(rgb), how
+
+
+def composite_alpha(rgb: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, str]:
+    """RGB over a background by alpha ``weight`` (0..1, (H, W, 1)) and the background's name. Black, as
+    a viewer shows a transparent PNG on a dark canvas; white when on black the picture would be one
+    flat colour although the alpha varies (black strokes on transparency), as a viewer on a light
+    canvas shows it."""
+    f = rgb.astype(np.float32)
+    on_black = np.rint(f * weight).astype(np.uint8)
+    if (on_black != on_black.flat[0]).any() or weight.min() == weight.max():
+        return on_black, "black"
+    return np.rint(f * weight + 255.0 * (1.0 - weight)).astype(np.uint8), "white"
 
 
 # ----------------------------------------------------------------------------------- degenerate inputs

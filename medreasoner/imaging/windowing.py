@@ -19,6 +19,8 @@ from medreasoner.imaging.intensity import (
     WINDOW_PRESETS,
     Window,
     _scale,
+    check_window_shows_data,
+    finite_range,
     parse_window,
 )
 
@@ -84,6 +86,16 @@ def intensity_range(volume: Volume, window: Window | None) -> tuple[float, float
     if hi <= lo:
         lo, hi = float(sample.min()), float(sample.max())
     return lo, hi
+
+
+def check_volume_window(volume: Volume, window: Window | None) -> None:
+    """Refuse a window under which every voxel of ``volume`` would show as one grey level (the same
+    rule and words as 2D, ``check_window_shows_data``); None (percentiles) always shows the data.
+    Reads the volume once, slab by slab (``finite_range``)."""
+    if window is None:
+        return
+    lo, hi, _ = finite_range(volume.array)
+    check_window_shows_data(window, lo, hi, volume.path or "volume")
 
 
 def slice_to_rgb(raw: np.ndarray, low: float, high: float) -> np.ndarray:
