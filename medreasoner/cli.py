@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--window", default=None,
                    help="3D: CT window preset (abdomen, lung, brain, mediastinum, bone) or 'center,width' for "
                         "every label (default: what inference picks from each label's query)")
-    b.add_argument("--min-area", type=int, default=20, help="3D: least label pixels for a slice to count")
-    b.add_argument("--every", type=int, default=1, help="3D: keep every n-th qualifying slice")
+    b.add_argument("--min-area", type=int, default=None, help="3D: least label pixels for a slice to count (20)")
+    b.add_argument("--every", type=int, default=None, help="3D: keep every n-th qualifying slice (1)")
     b.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
                    help="3D: progress display; 'json' prints one JSON line per volume on stderr")
 
@@ -455,6 +455,12 @@ def preflight(args, interrupts: Interrupts) -> Checked:
             raise InputError("--volumes needs --labels (a JSON file mapping label -> query)")
         if not args.volumes and not (args.images and args.masks and args.queries):
             raise InputError("give --images, --masks and --queries (2D) or --volumes and --labels (3D)")
+        if not args.volumes:
+            given = [f"--{n.replace('_', '-')}" for n in ("min_area", "every") if getattr(args, n) is not None]
+            if given:  # silently ignored otherwise
+                raise InputError(f"{' and '.join(given)} only apply to 3D data (--volumes); drop them for 2D")
+        args.min_area = 20 if args.min_area is None else args.min_area
+        args.every = 1 if args.every is None else args.every
     if command in ("ground", "segment-volume"):
         checked.query = check_query(args.query)
     if command == "ground":

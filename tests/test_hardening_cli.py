@@ -273,6 +273,11 @@ class TestOutputPaths:
         assert written_by_us(out)
         assert main([*_command("build-dataset", inputs, str(out)), "--progress", "none"]) == 0  # ours: replaced
 
+    def test_build_dataset_refuses_3d_options_for_2d_data(self, tmp_path, inputs, capsys):
+        for extra in (["--every", "2"], ["--min-area", "5"]):
+            assert main([*_command("build-dataset", inputs, str(tmp_path / "d.parquet")), *extra]) == EXIT_INPUT
+            _one_line_error(capsys.readouterr().err, "only apply to 3D data (--volumes)")
+
     def test_the_check_creates_nothing_and_passes_good_paths(self, tmp_path):
         new = tmp_path / "a" / "b" / "c"
         assert check_output_dir(new) == new and not (tmp_path / "a").exists()
@@ -350,6 +355,7 @@ class TestModelOptions:
     @pytest.mark.parametrize("extra,message", [
         (["--max-new-tokens", "0"], "max_new_tokens must be at least 1, got 0"),
         (["--max-new-tokens", "-5"], "max_new_tokens must be at least 1, got -5"),
+        (["--max-new-tokens", "99999999999999999999"], "max_new_tokens must be at most 32768"),
         (["--batch-size", "0"], "batch_size must be at least 1"),
         (["--device", "bogus"], "unknown device 'bogus'; use auto, cpu, cuda, cuda:N or mps"),
         (["--device", "cuda:x"], "unknown device 'cuda:x'"),
@@ -458,7 +464,7 @@ class TestModelOptions:
         argv = ["ground", "--image", str(_png(tmp_path / "x.png")), "--query", QUERY, "--out", str(tmp_path / "o"),
                 "--progress", "none", option, long]
         assert main(argv) == EXIT_INPUT
-        _one_line_error(capsys.readouterr().err, "a path is too long for this file system (5")
+        _one_line_error(capsys.readouterr().err, "path is too long for this file system", "characters)")
 
     def test_a_tilde_means_home_in_every_path_option(self, tmp_path, monkeypatch, no_model_loads, capsys):
         monkeypatch.setenv("HOME", str(tmp_path))

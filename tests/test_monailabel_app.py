@@ -324,6 +324,7 @@ def test_a_question_with_no_target_is_an_empty_label_not_an_error(server, files,
 BAD_REQUESTS = [
     ("missing query", dict(image="phantom", params={}), 400, "query is empty"),
     ("blank query", dict(image="phantom", params={"query": "   "}), 400, "query is empty"),
+    ("query a list", dict(image="phantom", params={"query": ["a", "b"]}), 400, "query must be text"),
     ("unknown image id", dict(image="no_such_study", params={"query": "q"}), 404, "unknown image id"),
     ("path traversal", dict(image="../../etc/passwd", params={"query": "q"}), 400, "not an image id"),
     ("absolute path", dict(image="/etc/passwd", params={"query": "q"}), 400, "not an image id"),

@@ -53,7 +53,7 @@ def test_parse_message_and_check_ground(tmp_path):
                         ({"options": {"slice_range": [44.5, "x"]}}, "slice range bounds must be whole numbers"),
                         ({"options": {"slice_range": "44"}}, "slice range must look like 'start:stop'"),
                         ({"queries": [5]}, "the query must be text"),
-                        ({"input": "/tmp/" + "A" * 100_000}, r"input path is too long .*\(100005 characters\)"),
+                        ({"input": "/tmp/" + "A" * 100_000}, r"input path is too long for this file system: .*\(100005 characters\)"),
                         ({"extra": 1}, "unknown request field")]:
         with pytest.raises(InputError, match=why) as exc:
             check_ground({**good, **change})

@@ -190,8 +190,7 @@ def check_input_path(path: str | os.PathLike, what: str) -> os.stat_result:
         st = os.stat(p)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
-            raise InputError(f"{what} path is too long for this file system ({len(str(p))} characters): "
-                             f"{shown}") from exc
+            raise InputError(f"{what} path is too long for this file system: {shown}") from exc
         if exc.errno == errno.ELOOP:
             raise InputError(f"{what} {shown} is a symlink loop (links that point back to each other); "
                              "fix the link or give the real file") from exc

@@ -69,6 +69,9 @@ class ModelOptions:
         for name in ("batch_size", "max_new_tokens"):
             if _whole(name, getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_new_tokens > MAX_NEW_TOKENS:
+            raise InputError(f"max_new_tokens must be at most {MAX_NEW_TOKENS} (Qwen2.5-VL's context), got "
+                             f"{self.max_new_tokens}; an answer needs a few hundred, the reference protocol 2048")
         if self.asm_batch_size is not None and _whole("asm_batch_size", self.asm_batch_size) < 1:
             raise InputError(f"asm_batch_size must be at least 1, got {self.asm_batch_size}")
         if self.image_size is not None:
@@ -109,6 +112,10 @@ def check_local_weights(checkpoint: str) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise InputError(f"ASM checkpoint {checkpoint} is a folder; give the weights file (.pt/.pth)")
 
+
+# Longest answer a CRM may generate: Qwen2.5-VL's context is 32768 tokens (128k with YaRN); more only
+# lets a model that never closes its answer run for hours.
+MAX_NEW_TOKENS = 32768
 
 # The square the CRM sees. 28 = one 2x2 group of Qwen2.5-VL's 14-pixel patches (the processor rounds
 # every side to a multiple of 28 and upscales anything under min_pixels = 56x56). 3584 = the largest

@@ -148,7 +148,7 @@ class MedReasonerInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         params = {**self.config(), **request}  # the request overrides the task's defaults
-        query = check_query(_scalar(params.get("query")))
+        query = check_query(params.get("query"))  # text only: a list is not "its first item" here
         options = run_options(params)
         image = str(request["image"])
         shown_as = str(request.get("image_name") or Path(image).name)  # never a server path in answers
