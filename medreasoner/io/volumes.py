@@ -2,10 +2,12 @@
 
 Geometry rule: a volume is kept exactly as read (size, spacing, origin, direction untouched); what
 was learnt while reading (modality, non-finite voxels, the DICOM series chosen) travels with it.
-A volume must be a regular, orthogonal grid: DICOM series with missing slices, uneven spacing or a
-gantry tilt and sheared NIfTI affines are refused (never resampled: that would invent voxels). The
-only repairs are for missing NIfTI geometry (no qform/sform, zero pixdim); they are listed in
-``metadata["repairs"]`` and warned about. Every record's ``input.metadata`` is ``Volume.metadata``.
+A volume must be a regular, orthogonal grid: DICOM series with missing slices, uneven spacing, a
+gantry tilt or slices of different sizes, sheared NIfTI/NRRD/MetaImage headers and NIfTI files whose
+qform and sform disagree are refused (never resampled: that would invent voxels). The only repairs are
+for missing geometry (no qform/sform, Analyze files, NRRD/MetaImage headers without directions, zero or
+negative voxel sizes); they are listed in ``metadata["repairs"]`` and warned about ("orientation
+unknown" makes the writer claim no orientation). Every record's ``input.metadata`` is ``Volume.metadata``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ _GRID_TOL_REL = 0.01
 _GRID_TOL_MM = 0.01
 
 _finite_stats = finite_range  # the name imaging.windowing imports
+
+# Smallest angle error (degrees) between voxel axes taken as a shear rather than rounding noise.
+_SHEAR_TOL_DEG = 1e-3
+# qform and sform corners closer than this fraction of the smallest voxel size (or 0.01 mm) agree.
+_FORM_TOL_VOXEL = 0.1
+_FORM_TOL_MM = 0.01
 
 
 
@@ -84,12 +92,21 @@ class Volume:
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a 3D volume file (NIfTI, NRRD, MHA/MHD, ...) or a folder holding a DICOM series."""
     p = Path(path)
+    _quiet_itk()
     st = check_input_path(p, "volume")  # symlink loops, FIFOs and devices named as such
     if stat.S_ISDIR(st.st_mode):
         image, modality, meta, notes = _read_dicom_folder(p)
     else:
         image, modality, meta, notes = _read_file(p)
     return volume_from_image(image, path=str(p), modality=modality, metadata=meta, warnings=notes)
+
+
+def _quiet_itk() -> None:
+    """ITK prints multi-line C++ warnings to stderr (breaking ``--progress json``, where every stderr line
+    is JSON); what they say (coerced directions, Analyze files) is checked and recorded here instead."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
 
 def volume_from_image(image: SimpleITK.Image, path: str | None = None, modality: str | None = None,
@@ -152,15 +169,19 @@ def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any], list[str]
 
     if p.stat().st_size == 0:
         raise InputError(f"volume file is empty (0 bytes): {p}")
-    is_nifti = p.name.lower().endswith((".nii", ".nii.gz"))
-    _check_detached_data(p)
+    kind = _header_kind(p)
+    is_nifti = kind == "NIfTI"  # one file: its voxel data is checked too
+    text_header = _text_header(p)
+    _check_detached_data(p, text_header)
+    if text_header is not None:
+        _check_text_header_shear(p, *text_header)  # before ITK, which coerces a sheared direction silently
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     hint = f"supported: {', '.join(VOLUME_FILE_SUFFIXES)} files or a DICOM series folder"
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        reason = _nifti_refusal(p) if is_nifti else None  # ITK's own message hides the real reason
+        reason = _nifti_refusal(p) if kind in ("NIfTI", "NIfTI pair") else None  # ITK's message hides it
         raise InputError(reason or f"cannot read {p} as a volume: not a recognised or intact image file "
                          f"({hint})") from exc
     # Check the shape before loading the voxels: a large 4D file is refused without reading it.
@@ -180,39 +201,106 @@ def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any], list[str]
             f"{p} has {reader.GetNumberOfComponents()} values per voxel (vector/RGB pixels); "
             "give a scalar (grey-level) volume"
         )
+    if kind in ("NIfTI", "NIfTI pair"):
+        _check_nifti_forms(p)  # from the header alone: before the voxels are read
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read {p}: the file is damaged or truncated ({_first_line(exc)})") from exc
-    meta: dict[str, Any] = {"format": _format_name(p, image)}
+    meta: dict[str, Any] = {"format": kind or _format_name(p, image)}
     notes: list[str] = []
+    repairs: list[str] = []
     if is_nifti:
         image = _check_nifti_data(p, image)
+    if kind in ("NIfTI", "NIfTI pair", "Analyze"):
         image, repairs, notes = _repair_nifti_geometry(p, image)
-        if repairs:
-            meta["repairs"] = repairs
+    elif text_header is not None:
+        image, repairs, notes = _repair_text_header_geometry(p, *text_header, image)
+    if repairs:
+        meta["repairs"] = repairs
     modality = ""
     if image.HasMetaDataKey("0008|0060"):  # a single (multi-frame) DICOM file
         modality = image.GetMetaData("0008|0060").strip().upper()
+    if image.HasMetaDataKey("0028|0004") and image.GetMetaData("0028|0004").strip().upper() == "MONOCHROME1":
+        raise InputError(_monochrome1_refusal(str(p)))
     return image, modality, meta, notes
+
+
+def _header_kind(p: Path) -> str:
+    """"NIfTI" (one file), "NIfTI pair" / "Analyze" (.hdr + .img: told apart by the header's magic),
+    "NRRD", "MetaImage", or "" (left to ITK)."""
+    name = p.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "NIfTI"
+    if name.endswith((".nrrd", ".nhdr")):
+        return "NRRD"
+    if name.endswith((".mha", ".mhd")):
+        return "MetaImage"
+    header = _pair_header_path(p)
+    if header is None:
+        return ""
+    raw = _read_start(header, 348)
+    if len(raw) < 348:
+        return ""
+    if raw[344:347] in (b"ni1", b"n+1") or raw[4:7] in (b"ni2", b"n+2"):
+        return "NIfTI pair"
+    return "Analyze" if 348 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")) else ""
+
+
+def _pair_header_path(p: Path) -> Path | None:
+    """The .hdr of an Analyze / NIfTI pair named by its .hdr or .img (optionally gzipped)."""
+    name = p.name.lower()
+    for ext in (".hdr", ".hdr.gz", ".img", ".img.gz"):
+        if name.endswith(ext):
+            base = p.name[: -len(ext)]
+            gz = ".gz" if ext.endswith(".gz") else ""
+            for candidate in (p.with_name(base + ".hdr" + gz), p.with_name(base + ".HDR" + gz.upper())):
+                if candidate.is_file():
+                    return candidate
+            return None
+    return None
+
+
+def _read_start(p: Path, n: int) -> bytes:
+    import gzip
+
+    try:
+        with (gzip.open(p, "rb") if p.name.lower().endswith(".gz") else p.open("rb")) as f:
+            return f.read(n)
+    except (OSError, EOFError):
+        return b""
+
+
+def _identity(image: SimpleITK.Image) -> tuple[float, ...]:
+    return tuple(np.eye(image.GetDimension()).ravel())  # a 4D file (t = 1) is still 4D here
+
+
+def _monochrome1_refusal(where: str) -> str:
+    # ITK inverts MONOCHROME1 pixels (and GDCM's inversion depends on BitsStored), so the values it returns
+    # are no longer modality values (HU): every window would be wrong. Refused rather than guessed back.
+    return (f"{where} is MONOCHROME1 (an inverted grey scale: low values are shown white), which MedReasoner "
+            "does not read as a volume (the reader would return inverted values, not modality values); "
+            "convert it to MONOCHROME2 or NIfTI first")
 
 
 # ----------------------------------------------------------------------------- header sanity (NIfTI, NRRD)
 
 
 def _raw_nifti_header(p: Path) -> Any | None:
-    """The NIfTI-1/2 header exactly as stored: nibabel's loader quietly turns zero pixdims into 1."""
-    import gzip
-
+    """The NIfTI-1/2 (or Analyze 7.5, for a .hdr/.img pair without the NIfTI magic) header exactly as
+    stored: nibabel's loader quietly turns zero pixdims into 1."""
     import nibabel as nib
 
-    try:
-        with (gzip.open(p, "rb") if p.name.lower().endswith(".gz") else p.open("rb")) as f:
-            raw = f.read(540)
-    except (OSError, EOFError):
+    kind = _header_kind(p)
+    if kind in ("NIfTI pair", "Analyze"):
+        p = _pair_header_path(p) or p
+    raw = _read_start(p, 540)
+    if not raw:
         return None
     sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
     cls = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
+    if kind == "Analyze":
+        cls, raw = nib.AnalyzeHeader, raw[:348]
     try:
         return cls.from_fileobj(io.BytesIO(raw), check=False)
     except Exception:  # noqa: BLE001 - a damaged header: the caller keeps its own message
@@ -236,84 +324,262 @@ def _axes_angle(matrix: np.ndarray) -> float:
 
 def _nifti_refusal(p: Path) -> str | None:
     """Why ITK refused a NIfTI header that nibabel reads: a sheared sform without a usable qform."""
+    import nibabel as nib
+
     header = _raw_nifti_header(p)
-    if header is None or int(header["sform_code"]) <= 0:
+    if not isinstance(header, nib.Nifti1Header) or int(header["sform_code"]) <= 0:
         return None
     angle = _axes_angle(header.get_sform())
-    if abs(angle - 90.0) < 1e-3:
+    if abs(angle - 90.0) < _SHEAR_TOL_DEG:
         return None
     return (f"the NIfTI affine of {p} is sheared (its axes are not perpendicular: {angle:.1f} deg); "
             "MedReasoner needs an orthogonal grid: resample it first")
 
 
 def _repair_nifti_geometry(p: Path, image: SimpleITK.Image) -> tuple[SimpleITK.Image, list[str], list[str]]:
-    """Make the geometry ITK inferred for a NIfTI header without one explicit, and say so.
+    """Make the geometry ITK inferred for a NIfTI (or Analyze) header without one explicit, and say so.
 
     Chosen behaviour (read with a recorded repair rather than refuse, as the NIfTI standard's
-    "method 1" does for Analyze-style files): no qform and no sform (both codes 0) -> the direction is
-    identity (LPS) and the orientation is unknown; a zero/negative/non-finite pixdim where no sform
-    gives the spacing -> 1 mm; a sheared sform that ITK skipped for the qform -> said so. Each repair
-    goes to ``metadata["repairs"]`` and a warning (the result record's ``warnings``) says what it means.
+    "method 1" does for Analyze-style files): no qform and no sform (both codes 0) or an Analyze 7.5
+    header -> the direction is identity (LPS) and the orientation is unknown; a zero/non-finite pixdim
+    where no sform gives the spacing -> 1 mm, a negative one -> its magnitude (as nibabel and ITK read
+    it); a sheared sform that ITK skipped for the qform -> said so. Each repair goes to
+    ``metadata["repairs"]`` and a warning (the result record's ``warnings``) says what it means.
     """
+    import nibabel as nib
+
     header = _raw_nifti_header(p)
     if header is None:
         return image, [], []
     repairs: list[str] = []
     notes: list[str] = []
-    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    analyze = not isinstance(header, nib.Nifti1Header)  # Nifti2Header is a Nifti1Header
+    qcode, scode = (0, 0) if analyze else (int(header["qform_code"]), int(header["sform_code"]))
     if scode > 0 and qcode > 0:
         angle = _axes_angle(header.get_sform())
-        if abs(angle - 90.0) >= 1e-3:
+        if abs(angle - 90.0) >= _SHEAR_TOL_DEG:
             repairs.append(f"sheared sform ({angle:.1f} deg between axes) ignored: the qform was used")
             notes.append(f"{p.name}: the sform is sheared ({angle:.1f} deg), so the qform's geometry was used; "
                          "other tools may place this volume differently")
-    if qcode <= 0 and scode <= 0:
-        image.SetDirection(tuple(np.eye(3).ravel()))
+    if analyze:
+        image.SetDirection(_identity(image))
+        repairs.append("Analyze header: orientation unknown, identity assumed")
+        notes.append(f"{p.name} is an Analyze 7.5 file, which stores no orientation, so its orientation is "
+                     "unknown (identity assumed): left/right and the other patient directions in the result "
+                     "may be wrong")
+    elif qcode <= 0 and scode <= 0:
+        image.SetDirection(_identity(image))
         repairs.append("no qform/sform: orientation unknown, identity assumed")
         notes.append(f"{p.name} has no qform/sform, so its orientation is unknown (identity assumed): "
                      "left/right and the other patient directions in the result may be wrong")
     if scode <= 0:
         pixdim = [float(v) for v in header["pixdim"][1:4]]
-        bad = [i for i, v in enumerate(pixdim) if not (math.isfinite(v) and v > 0)]
+        spacing = list(image.GetSpacing())
+        bad = [i for i, v in enumerate(pixdim) if not (math.isfinite(v) and v != 0)]
+        negative = [i for i, v in enumerate(pixdim) if math.isfinite(v) and v < 0]
         if bad:
-            spacing = list(image.GetSpacing())
             for i in bad:
                 spacing[i] = 1.0
-            image.SetSpacing(spacing)
             values = sorted({f"{pixdim[i]:g}" for i in bad})
             axes = "" if len(bad) == 3 else f" (axis {', '.join('ijk'[i] for i in bad)})"
             repairs.append(f"pixdim {'/'.join(values)} -> 1 mm{axes}")
             notes.append(f"{p.name} has no voxel size (pixdim {'/'.join(values)}{axes}): 1 mm assumed, so "
                          "sizes in millimetres in the result are not physical")
+        if negative:
+            for i in negative:
+                spacing[i] = abs(pixdim[i])
+            values = "/".join(f"{pixdim[i]:g}" for i in negative)
+            sizes = "/".join(f"{abs(pixdim[i]):g}" for i in negative)
+            axes = "" if len(negative) == 3 else f" (axis {', '.join('ijk'[i] for i in negative)})"
+            repairs.append(f"pixdim {values} -> {sizes} mm{axes}")
+            notes.append(f"{p.name} has a negative voxel size (pixdim {values}{axes}): its magnitude ({sizes} mm) "
+                         "is used, as other tools read it")
+        if bad or negative:
+            image.SetSpacing(spacing)
     for note in notes:
         log.warning("%s", note)
     return image, repairs, notes
 
 
-def _check_detached_data(p: Path) -> None:
-    """A NRRD/MetaImage header whose detached data file is missing: ITK only says "cannot read"."""
-    if not p.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+_AXIS_NAMES = {"L": "left-right", "R": "left-right", "A": "front-back", "P": "front-back",
+               "S": "head-foot", "I": "head-foot"}
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def _check_nifti_forms(p: Path) -> None:
+    """Refuse a NIfTI header whose qform and sform (both codes > 0) place the voxels differently: tools
+    disagree on which one wins (ITK and nibabel take the sform, others the qform), so a mask written on
+    one could show mirrored or shifted in another viewer. A sheared sform is handled by the repair that
+    says the qform was used."""
+    import nibabel as nib
+    from nibabel.orientations import aff2axcodes
+
+    header = _raw_nifti_header(p)
+    if not isinstance(header, nib.Nifti1Header) or int(header["qform_code"]) <= 0 \
+            or int(header["sform_code"]) <= 0:
         return
+    sform, qform = header.get_sform(), header.get_qform()
+    if abs(_axes_angle(sform) - 90.0) >= _SHEAR_TOL_DEG or not (np.all(np.isfinite(sform))
+                                                               and np.all(np.isfinite(qform))):
+        return
+    shape = [max(int(n), 1) for n in (tuple(header.get_data_shape()) + (1, 1, 1))[:3]]
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)]).T
+    apart = float(np.linalg.norm((qform @ corners - sform @ corners)[:3], axis=0).max())
+    voxel = float(np.linalg.norm(sform[:3, :3], axis=0).min())
+    if apart <= max(_FORM_TOL_MM, _FORM_TOL_VOXEL * voxel):
+        return
+    qcodes, scodes = aff2axcodes(qform), aff2axcodes(sform)
+    flipped = [_AXIS_NAMES[q] for q, s in zip(qcodes, scodes) if _OPPOSITE[q] == s]
+    how = []
+    if any(q != s and _OPPOSITE[q] != s for q, s in zip(qcodes, scodes)):
+        how.append(f"axes differ: qform {''.join(qcodes)}, sform {''.join(scodes)}")
+    if flipped:
+        how.append(f"{' and '.join(flipped)} flipped")
+    how.append(f"up to {_mm(apart)} mm apart")
+    raise InputError(f"the qform and sform of {p} disagree ({', '.join(how)}), so viewers that use the other one "
+                     f"would show the mask {'mirrored' if flipped else 'misplaced'}; fix the header with one of "
+                     "them (copy it into the other, or set the other's code to 0)")
+
+
+def _text_header(p: Path) -> tuple[str, dict[str, str]] | None:
+    """("NRRD" | "MetaImage", fields) of a NRRD / MetaImage header (keys lower-case, values as written);
+    None for other files. Both headers are ASCII lines before the (attached or detached) data."""
+    if not p.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        return None
     try:
         with p.open("rb") as f:
             text = f.read(65536).decode("latin-1")
     except OSError:
-        return
-    data_file, field_name = None, ""
+        return None
+    fields: dict[str, str] = {}
     if text.startswith("NRRD"):
         for line in text.splitlines()[1:]:
             if not line.strip():
                 break  # a blank line ends a NRRD header
             key, sep, value = line.partition(":")
-            if sep and not value.startswith("=") and key.strip().lower() in ("data file", "datafile"):
-                data_file, field_name = value.strip(), key.strip()
-                break
-    else:
-        for line in text.splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip() == "ElementDataFile":
-                data_file, field_name = value.strip(), "ElementDataFile"
-                break
+            if sep and not line.startswith("#") and not value.startswith("="):  # ":=" lines are key/values
+                fields.setdefault(key.strip().lower(), value.strip())
+        return "NRRD", fields
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+            if key.strip().lower() == "elementdatafile":
+                break  # the last header line: the data may follow
+    return "MetaImage", fields
+
+
+def _floats(text: str) -> list[float] | None:
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        return None
+
+
+def _header_axes(kind: str, fields: dict[str, str]) -> np.ndarray | None:
+    """The 3x3 matrix whose columns are the voxel axes the header itself gives (NRRD ``space directions``,
+    MetaImage ``TransformMatrix``), before ITK orthogonalises it; None when the header gives none."""
+    import re
+
+    if kind == "NRRD":
+        value = fields.get("space directions")
+        if value is None:
+            return None
+        vectors = []
+        for m in re.finditer(r"\(([^)]*)\)|none", value, re.IGNORECASE):
+            v = _floats(m.group(1)) if m.group(1) is not None else None
+            if v and all(math.isfinite(x) for x in v):  # "none" / NaN vectors are non-spatial axes
+                vectors.append(v)
+        if len(vectors) < 3 or any(len(v) != len(vectors[0]) or len(v) < 3 for v in vectors[:3]):
+            return None
+        return np.array(vectors[:3], float).T[:3, :3]
+    for key in ("transformmatrix", "rotation", "orientation"):  # MetaIO synonyms
+        values = _floats(fields.get(key, ""))
+        if values:
+            n = math.isqrt(len(values))
+            if n >= 3 and n * n == len(values):  # one axis after the other
+                return np.array(values, float).reshape(n, n).T[:3, :3]
+            return None
+    return None
+
+
+def _check_text_header_shear(p: Path, kind: str, fields: dict[str, str]) -> None:
+    """Refuse a sheared NRRD / MetaImage direction, as sheared NIfTI affines are refused: ITK would
+    coerce it to the nearest orthogonal one (a warning on stderr only), moving every voxel."""
+    axes = _header_axes(kind, fields)
+    if axes is None:
+        return
+    angle = _axes_angle(axes)
+    if abs(angle - 90.0) >= _SHEAR_TOL_DEG:
+        what = "NRRD space directions of" if kind == "NRRD" else "MetaImage TransformMatrix of"
+        raise InputError(f"the {what} {p} {'are' if kind == 'NRRD' else 'is'} sheared (the voxel axes are not "
+                         f"perpendicular: {angle:.1f} deg); MedReasoner needs an orthogonal grid: resample it first")
+
+
+# NRRD spaces with patient directions (ITK maps them to LPS); others (scanner-xyz, 3D-right-handed, ...) do not.
+_NRRD_PATIENT_SPACES = {"right-anterior-superior", "left-anterior-superior", "left-posterior-superior",
+                        "ras", "las", "lps"}
+
+
+def _repair_text_header_geometry(p: Path, kind: str, fields: dict[str, str],
+                                 image: SimpleITK.Image) -> tuple[SimpleITK.Image, list[str], list[str]]:
+    """A NRRD / MetaImage header without directions (or a NRRD without a patient space) has no orientation:
+    ITK assumes identity. Recorded as for a NIfTI without qform/sform ("orientation unknown", so outputs
+    claim none); a missing voxel size (ITK's 1 mm, made explicit) likewise."""
+    repairs: list[str] = []
+    notes: list[str] = []
+    has_axes = (("space directions" in fields) if kind == "NRRD"
+                else any(k in fields for k in ("transformmatrix", "rotation", "orientation")))
+    space = fields.get("space", "").strip().lower()
+    base = space.removesuffix("-time")
+    base = base[:-1] if base[:-1] in ("ras", "las", "lps") and base.endswith("t") else base  # RAST, ...
+    if not has_axes:
+        what = "space directions" if kind == "NRRD" else "TransformMatrix"
+        image.SetDirection(_identity(image))
+        repairs.append(f"no {what}: orientation unknown, identity assumed")
+        notes.append(f"{p.name} has no {what}, so its orientation is unknown (identity assumed): "
+                     "left/right and the other patient directions in the result may be wrong")
+    elif kind == "NRRD" and base not in _NRRD_PATIENT_SPACES:
+        space = fields.get("space", "").strip()  # as written, for the messages
+        named = f"space {space}" if space else "no space"
+        repairs.append(f"{named}: orientation unknown, directions read as patient LPS")
+        notes.append(f"{p.name} has {'no patient space' if not space else f'a non-patient space ({space})'}, so "
+                     "its orientation is unknown (directions read as patient LPS): left/right and the other "
+                     "patient directions in the result may be wrong")
+    if kind == "MetaImage" and not any(k in fields for k in ("elementspacing", "elementsize")):
+        image.SetSpacing((1.0,) * image.GetDimension())
+        repairs.append("no ElementSpacing -> 1 mm")
+        notes.append(f"{p.name} has no voxel size (no ElementSpacing): 1 mm assumed, so sizes in millimetres "
+                     "in the result are not physical")
+    if kind == "NRRD" and not has_axes:
+        given = _floats(fields.get("spacings", "")) or []
+        sizes = [given[i] if i < len(given) else math.nan for i in range(3)]
+        bad = [i for i, v in enumerate(sizes) if not (math.isfinite(v) and v > 0)]
+        if bad:
+            spacing = list(image.GetSpacing())
+            for i in bad:
+                spacing[i] = 1.0
+            image.SetSpacing(spacing)
+            axes = "" if len(bad) == 3 else f" (axis {', '.join('ijk'[i] for i in bad)})"
+            repairs.append(f"no spacings -> 1 mm{axes}")
+            notes.append(f"{p.name} has no voxel size (no spacings{axes}): 1 mm assumed, so sizes in "
+                         "millimetres in the result are not physical")
+    for note in notes:
+        log.warning("%s", note)
+    return image, repairs, notes
+
+
+def _check_detached_data(p: Path, header: tuple[str, dict[str, str]] | None) -> None:
+    """A NRRD/MetaImage header whose detached data file is missing: ITK only says "cannot read"."""
+    if header is None:
+        return
+    kind, fields = header
+    names = ("data file", "datafile") if kind == "NRRD" else ("elementdatafile",)
+    field_name = next((k for k in names if k in fields), "")
+    data_file = fields.get(field_name, "")
+    if kind != "NRRD":
+        field_name = "ElementDataFile"
     # LOCAL: the data follows the header; LIST or a %d pattern: several files, left to ITK.
     if not data_file or data_file.upper() == "LOCAL" or data_file.upper().startswith("LIST") or "%" in data_file:
         return
@@ -331,6 +597,8 @@ def _check_nifti_data(p: Path, image: SimpleITK.Image) -> SimpleITK.Image:
 
     import nibabel as nib
 
+    quiet = nib.imageglobals.logger  # nibabel prints its header fixes (negative pixdim) to stderr itself;
+    was_disabled, quiet.disabled = quiet.disabled, True  # the repairs here record them instead
     try:
         proxy = nib.load(str(p)).dataobj  # (image.header has vox_offset reset to 0; the proxy has it)
         dtype = np.dtype(proxy.dtype)
@@ -338,6 +606,8 @@ def _check_nifti_data(p: Path, image: SimpleITK.Image) -> SimpleITK.Image:
         expected = offset + int(np.prod(proxy.shape, dtype=np.int64)) * dtype.itemsize
     except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds; ITK may accept a cut-off header
         raise InputError(f"cannot read {p}: the NIfTI header is damaged or truncated ({exc})") from exc
+    finally:
+        quiet.disabled = was_disabled
     gz = p.name.lower().endswith(".gz")
     floating = dtype.kind == "f"
     if not floating:
@@ -415,6 +685,12 @@ class _DicomFile:
     modality: str
     position: tuple[float, ...] | None
     orientation: tuple[float, ...] | None
+    rows: int = 0
+    columns: int = 0
+    pixel_spacing: tuple[float, ...] | None = None
+    photometric: str = ""
+    slope: float = 1.0
+    intercept: float = 0.0
 
 
 def _damaged_member(name: str, folder: Path, reason: str) -> InputError:
@@ -428,6 +704,14 @@ def _numbers(value: Any, n: int) -> tuple[float, ...] | None:
     except (TypeError, ValueError):
         return None
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _scalar(value: Any, default: float) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if math.isfinite(out) else default
 
 
 def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[str]]:
@@ -475,7 +759,12 @@ def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[
                                description=str(ds.get("SeriesDescription", "") or "").strip(),
                                modality=str(ds.get("Modality", "") or "").strip().upper(),
                                position=_numbers(ds.get("ImagePositionPatient"), 3),
-                               orientation=_numbers(ds.get("ImageOrientationPatient"), 6))
+                               orientation=_numbers(ds.get("ImageOrientationPatient"), 6),
+                               rows=int(_scalar(ds.get("Rows"), 0)), columns=int(_scalar(ds.get("Columns"), 0)),
+                               pixel_spacing=_numbers(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2),
+                               photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
+                               slope=_scalar(ds.get("RescaleSlope"), 1.0),
+                               intercept=_scalar(ds.get("RescaleIntercept"), 0.0))
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged or foreign files
             if looks:
                 raise _damaged_member(name, folder, _first_line(exc)) from exc
@@ -506,6 +795,38 @@ def _starts_like_raw_dicom(path: Path) -> bool:
 
 def _mm(x: float) -> str:
     return f"{x:.1f}" if round(x, 1) == round(x, 2) else f"{x:.2f}"
+
+
+def _check_one_grid(files: list[_DicomFile], uid: str, folder: Path) -> None:
+    """Refuse slices of different sizes or pixel spacings, naming the odd file: ITK stacks every slice on
+    the first one's grid (a different PixelSpacing is taken silently), so the volume would be wrong."""
+    from collections import Counter
+
+    def rounded(v: tuple | None) -> tuple | None:
+        return None if v is None else tuple(round(x, 4) for x in v)
+
+    def same(a: tuple | None, b: tuple | None) -> bool:  # spacings are decimal strings: equal within 1e-4
+        return a == b or (a is not None and b is not None and bool(np.allclose(a, b, rtol=1e-4, atol=1e-6)))
+
+    where = f"DICOM series {uid} in {folder}"
+    sizes = [(f.columns, f.rows) for f in files]
+    spacings = [f.pixel_spacing for f in files]
+    for values in (sizes, spacings):
+        keys = [rounded(v) for v in values]
+        usual = values[keys.index(Counter(keys).most_common(1)[0][0])]  # what most slices have
+        i = next((i for i, v in enumerate(values) if not same(v, usual)), None)
+        if i is None:
+            continue
+        odd, ref = files[i].path.name, files[values.index(usual)].path.name
+        if values is sizes:
+            differ = f"is {values[i][0]} x {values[i][1]} pixels (Columns x Rows) but the other slices (e.g. {ref}) " \
+                     f"are {usual[0]} x {usual[1]}"
+        else:
+            def show(v: tuple | None) -> str:
+                return "none" if v is None else f"{_mm(v[0])} x {_mm(v[1])} mm"
+            differ = f"has PixelSpacing {show(values[i])} but the other slices (e.g. {ref}) have {show(usual)}"
+        raise InputError(f"{where}: {odd} {differ}, so they do not form one grid; remove {odd} or give a folder "
+                         "holding one series")
 
 
 def _regular_slice_order(files: list[_DicomFile], uid: str, folder: Path) -> tuple[list[_DicomFile], float]:
@@ -588,7 +909,11 @@ def _read_dicom_folder(folder: Path) -> tuple[SimpleITK.Image, str, dict[str, An
     chosen = top[0]
     files = series[chosen]
     spacing = None
+    inverted = next((f for f in files if f.photometric == "MONOCHROME1"), None)
+    if inverted is not None:
+        raise InputError(_monochrome1_refusal(f"{inverted.path.name} in the DICOM series {chosen} in {folder}"))
     if len(files) > 1:
+        _check_one_grid(files, chosen, folder)
         files, spacing = _regular_slice_order(files, chosen, folder)
     notes: list[str] = []
     others = [uid for uid in sorted(series) if uid != chosen]
@@ -600,6 +925,12 @@ def _read_dicom_folder(folder: Path) -> tuple[SimpleITK.Image, str, dict[str, An
                      f"the one with the most images; not read: {listed}")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f.path) for f in files])
+    # ITK takes the pixel type from the first slice: with per-slice (PET-like) fractional or differing
+    # rescales, an integer first slice would round every other slice's values. float64 is what ITK itself
+    # gives a slice with a fractional slope, and holds integer values exactly.
+    scales = {(f.slope, f.intercept) for f in files}
+    if len(scales) > 1 or any(not (a.is_integer() and b.is_integer()) for a, b in scales):
+        reader.SetOutputPixelType(sitk.sitkFloat64)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
