@@ -333,7 +333,7 @@ def test_slice_to_rgb():
     rgb = slice_to_rgb(raw, -160.0, 240.0)
     assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
     assert rgb[0, :, 0].tolist() == [0, 128, 255]
-    assert rgb[1, :, 0].tolist() == [0, 0, 0]  # NaN/inf -> window minimum
+    assert rgb[1, :, 0].tolist() == [0, 255, 0]  # NaN, -inf -> window minimum; +inf -> maximum (as in 2D)
     assert (rgb[..., 0] == rgb[..., 2]).all()
 
 
@@ -543,7 +543,7 @@ def test_nan_voxels_are_kept_and_reported(tmp_path, suffix):
     assert stack.index_in_volume(2) == 2 and np.isnan(stack.raw(2)[3, 4])
     rgb = slice_to_rgb(stack.raw(2), lo, hi)
     assert rgb[3, 4].tolist() == [0, 0, 0]  # NaN -> window minimum
-    assert slice_to_rgb(stack.raw(1), lo, hi)[1, 1, 0] == 0  # inf too
+    assert slice_to_rgb(stack.raw(1), lo, hi)[1, 1, 0] == 255  # +inf -> window maximum
 
 
 def test_unknown_axis_and_folder_without_dicom(tmp_path):

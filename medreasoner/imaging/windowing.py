@@ -20,6 +20,7 @@ from medreasoner.imaging.intensity import (
     Window,
     _scale,
     check_window_shows_data,
+    fill_nonfinite,
     finite_range,
     parse_window,
 )
@@ -99,11 +100,12 @@ def check_volume_window(volume: Volume, window: Window | None) -> None:
 
 
 def slice_to_rgb(raw: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(rows, cols, 3) uint8 of one slice scaled so low -> 0 and high -> 255; NaN/inf -> low."""
+    """(rows, cols, 3) uint8 of one slice scaled so low -> 0 and high -> 255; NaN/-inf -> low, +inf ->
+    high (as 2D images, and as a viewer shows them)."""
     values = np.asarray(raw, dtype=np.float32)
     if values.ndim != 2:
         raise ValueError(f"expected a 2D slice, got shape {values.shape}")
     if not np.isfinite(values).all():
-        values = np.where(np.isfinite(values), values, np.float32(low))
+        values = fill_nonfinite(values, np.float32(low), np.float32(high))
     grey = _scale(values, float(low), float(high))
     return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))

@@ -25,7 +25,7 @@ import numpy as np
 
 from medreasoner.constants import VOLUME_SUFFIXES as VOLUME_FILE_SUFFIXES
 from medreasoner.errors import InputError
-from medreasoner.imaging.intensity import check_not_blank, finite_range
+from medreasoner.imaging.intensity import check_not_blank, finite_range, nonfinite_warning
 from medreasoner.io.files import DICOM_FILE_SUFFIXES, check_input_path, looks_like_dicom
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,9 +131,7 @@ def volume_from_image(image: SimpleITK.Image, path: str | None = None, modality:
     lo, _, n_bad = check_not_blank(sitk.GetArrayViewFromImage(image), where, "volume")
     notes = list(warnings or [])
     if n_bad:
-        notes.append(
-            f"{n_bad} voxel(s) are NaN or infinite; they are shown as the window minimum"
-        )
+        notes.append(nonfinite_warning(n_bad, "voxel"))
         log.warning("%s: %s", where, notes[-1])
     if not modality:
         modality = _guess_modality(image, float(lo))
