@@ -230,7 +230,8 @@ def test_workflow_ids_resolve_without_loading_models(bundle_scripts, tmp_path):
     handlers = p.get_parsed_content("handlers")
     assert [type(h) for h in handlers] == [SessionLoader, CaseLog, ExitCodes] and handlers[0].network is net
     assert handlers[1] is p.get_parsed_content("case_log")
-    assert p["run"] == ["$@evaluator.run()"] and p["finalize"] == ["$@case_log.finish()"] and p["initialize"]
+    guard = {"_target_": "scripts.inference.refuse_config_syntax_in_text"}  # before anything reads the query
+    assert p["run"] == [guard, "$@evaluator.run()"] and p["finalize"] == ["$@case_log.finish()"] and p["initialize"]
     assert not net.loaded
 
 
@@ -255,9 +256,9 @@ def _dig(obj, path: str):
      {"network_def": {"model_options.crm": "/models/crm", "model_options.crm_backend": "openai",
                       "model_options.base_url": "http://127.0.0.1:9/v1", "model_options.max_new_tokens": 160,
                       "model_options.batch_size": 2}}),
-    ({"asm": "medsam2", "asm_checkpoint": "/ckpt/MedSAM2_latest.pt", "asm_batch_size": 3, "image_size": 448,
+    ({"asm": "medsam2", "asm_checkpoint": "wanglab/MedSAM2:MedSAM2_latest.pt", "asm_batch_size": 3, "image_size": 448,
       "trust_remote_code": True},
-     {"network_def": {"model_options.asm": "medsam2", "model_options.asm_checkpoint": "/ckpt/MedSAM2_latest.pt",
+     {"network_def": {"model_options.asm": "medsam2", "model_options.asm_checkpoint": "wanglab/MedSAM2:MedSAM2_latest.pt",
                       "model_options.asm_batch_size": 3, "model_options.image_size": 448,
                       "model_options.trust_remote_code": True}}),
     ({"device": "cpu"}, {"network_def": {"model_options.device": "cpu"}, "evaluator": {"state.device.type": "cpu"}}),
