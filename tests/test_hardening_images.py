@@ -325,3 +325,11 @@ def test_a_user_window_that_shows_nothing_of_a_volume_is_refused(tmp_path, litem
     session = Session(load_models(ModelOptions(asm="litemedsam"), crm=BrightestRegionCRM(), asm=litemedsam))
     with pytest.raises(InputError, match="lies outside the data range"):
         session.ground_volume(str(path), "Where is the lesion?", RunOptions(window="-100000,1"))
+
+
+def test_an_image_named_dcm_says_what_it_is(tmp_path):
+    path = tmp_path / "scan.dcm"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(path, format="PNG")
+    with pytest.raises(InputError, match=r"is not a DICOM file \(its bytes are a PNG image; rename it\)") as exc:
+        load_image(path)
+    assert "force=True" not in str(exc.value)

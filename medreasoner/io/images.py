@@ -252,11 +252,28 @@ def palette_to_rgb(arr: np.ndarray, ds: Any, where: str) -> tuple[np.ndarray, st
     return rgb.astype(np.uint8), note
 
 
+_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+          (b"BM", "BMP"), (b"\x93NUMPY", "NumPy .npy"))
+
+
+def _looks_like(path: Path) -> str:
+    """' (its bytes are a PNG image)' when the content is a known image format, else ''."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return ""
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    return f" (its bytes are a {kind} image; rename it)" if kind else ""
+
+
 def _read_dicom(path: Path) -> _Read:
     import pydicom
 
     try:
         ds = pydicom.dcmread(str(path))
+    except pydicom.errors.InvalidDicomError as exc:  # its own text suggests force=True, a library option
+        raise InputError(f"{path} is not a DICOM file{_looks_like(path)}: it has no DICOM header") from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
         raise InputError(f"cannot read {path} as DICOM: {exc}") from exc
     rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
