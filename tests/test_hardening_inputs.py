@@ -39,22 +39,13 @@ UID = "1.2.826.0.1.3680043.8.498.7"
 def _write_series(folder: Path, positions, uid: str = UID + ".1", orientation=(1, 0, 0, 0, 1, 0),
                   description: str = "axial", prefix: str = "IM") -> list[Path]:
     """One CT slice per position (x, y, z) in LPS mm; slice k holds 100 * k + its pixel index."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from dicom_helpers import ct_slice_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, position in enumerate(positions):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = UID, uid, UID + ".9"
-        ds.Modality, ds.PatientID, ds.SeriesDescription, ds.InstanceNumber = "CT", "p1", description, k + 1
+        ds = ct_slice_dataset(UID, uid, UID + ".9", k + 1)
+        ds.Modality, ds.PatientID, ds.SeriesDescription = "CT", "p1", description
         ds.ImagePositionPatient = [float(v) for v in position]
         ds.ImageOrientationPatient = [float(v) for v in orientation]
         ds.PixelSpacing, ds.SliceThickness = [0.6, 0.9], 3.0

@@ -204,22 +204,13 @@ def test_simpleitk_written_headers_need_no_repair(tmp_path, suffix):
 
 def _write_series(folder: Path, n: int = 5, edit=None) -> list[Path]:
     """n axial CT slices 3 mm apart; ``edit(k, ds, pixels)`` may change slice k and return new pixels."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from dicom_helpers import ct_slice_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = UID, UID + ".1", UID + ".9"
-        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "p1", k + 1
+        ds = ct_slice_dataset(UID, UID + ".1", UID + ".9", k + 1)
+        ds.Modality, ds.PatientID = "CT", "p1"
         ds.ImagePositionPatient = [-30.0, -40.0, 3.0 * k]
         ds.ImageOrientationPatient = [1.0, 0, 0, 0, 1, 0]
         ds.PixelSpacing, ds.SliceThickness = [0.6, 0.9], 3.0

@@ -209,8 +209,7 @@ def test_orientation_survives_nifti_round_trip(tmp_path):
 
 
 def _write_ct_series(folder, n_slices, series_uid, rows=10, cols=12, slope=2.0, intercept=-1024.0):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from dicom_helpers import ct_slice_dataset
 
     study = "1.2.826.0.1.3680043.8.498.1"
     stored = []
@@ -218,19 +217,9 @@ def _write_ct_series(folder, n_slices, series_uid, rows=10, cols=12, slope=2.0, 
     for n, k in enumerate(order):
         pixels = (np.arange(rows * cols, dtype=np.int16).reshape(rows, cols) + 100 * k).astype(np.int16)
         stored.append((k, pixels))
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
-        ds.FrameOfReferenceUID = study + ".9"
+        ds = ct_slice_dataset(study, series_uid, study + ".9", k + 1)
         ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Volume", "vol001"
         ds.SeriesDescription = f"series {n_slices}"
-        ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [-30.0, -40.0, 100.0 + 2.5 * k]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [0.6, 0.9]  # row spacing (y), column spacing (x)
