@@ -48,3 +48,8 @@ def exit_code_for(statuses) -> int:
     """0 when every case is ok; 2 if any case had bad input; else 4 if any found no target."""
     codes = {EXIT_FOR_STATUS.get(s, EXIT_INPUT) for s in statuses}
     return EXIT_INPUT if EXIT_INPUT in codes else (EXIT_NO_TARGET if EXIT_NO_TARGET in codes else EXIT_OK)
+
+# Largest volume read: 2^30 voxels (1024^3; a 512x512x4096 CT). A header may declare any size, and the
+# reader allocates it before it finds out the file is short (a 480-byte NIfTI claiming 512x512x30000
+# took 15 GB); a real volume above this is a research edge case to crop or resample first.
+MAX_VOLUME_VOXELS = 1 << 30

@@ -349,3 +349,28 @@ def test_negative_pixdim_uses_its_magnitude(tmp_path):
     assert len(vol.warnings) == 1 and "negative voxel size" in vol.warnings[0] and "(4 mm)" in vol.warnings[0]
     np.testing.assert_allclose(vol.image.GetSpacing(), nib.load(str(path)).header.get_zooms()[:3])
     np.testing.assert_allclose(vol.image.GetSpacing(), (4.0, 4.0, 4.0))
+
+
+def _declared(tmp_path, name: str, dims: tuple[int, int, int]) -> Path:
+    """A 4x4x4 int16 NIfTI whose header then claims ``dims``: a few hundred bytes on disk."""
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[40:56] = struct.pack("<8h", 3, *dims, 1, 1, 1, 1)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_header_declaring_a_huge_volume_is_refused_before_anything_is_allocated(tmp_path):
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(InputError, match=r"declares 512x512x30000 = 7,864,320,000 voxels; at most 1,073,741,824"):
+        read_volume(_declared(tmp_path, "huge.nii", (512, 512, 30000)))
+    assert tracemalloc.get_traced_memory()[1] < 50 << 20  # nothing like the 15 GB the header asks for
+    tracemalloc.stop()
+
+
+def test_a_short_uncompressed_nifti_is_refused_from_its_size(tmp_path):
+    with pytest.raises(InputError, match=r"truncated \(480 of the 157,286,752 bytes its header declares\)"):
+        read_volume(_declared(tmp_path, "short.nii", (512, 512, 300)))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medreasoner.constants import MAX_VOLUME_VOXELS
 from medreasoner.constants import VOLUME_SUFFIXES as VOLUME_FILE_SUFFIXES
 from medreasoner.errors import InputError
 from medreasoner.imaging.intensity import check_not_blank, finite_range, nonfinite_warning
@@ -162,6 +163,35 @@ def _as_3d(image: SimpleITK.Image, where: str) -> SimpleITK.Image:
     return image
 
 
+def check_voxel_count(where: Any, size: tuple[int, ...]) -> None:
+    """Refuse a volume larger than MAX_VOLUME_VOXELS before a byte of it is allocated."""
+    n = int(np.prod([int(v) for v in size[:3]], dtype=np.int64))
+    if n > MAX_VOLUME_VOXELS:
+        shape = "x".join(str(int(v)) for v in size[:3])
+        raise InputError(f"{where} declares {shape} = {n:,} voxels; at most {MAX_VOLUME_VOXELS:,} (1024^3) are "
+                         "read: crop or resample it first (or check its header)")
+
+
+def _check_declared_size(p: Path, size: tuple[int, ...], pixel_id: int, kind: str | None) -> None:
+    """The header's size against limits and, for an uncompressed one-file NIfTI, against the file: a
+    short file is refused at once, not after allocating what its header declares."""
+    import SimpleITK as sitk
+
+    check_voxel_count(p, size)
+    if kind != "NIfTI" or p.name.lower().endswith(".gz"):
+        return
+    item = sitk.GetArrayViewFromImage(sitk.Image([1] * 3, pixel_id)).itemsize
+    try:
+        offset = int(float(_raw_nifti_header(p)["vox_offset"]))
+    except Exception:  # noqa: BLE001 - ITK will say what is wrong with the header
+        return
+    need = offset + int(np.prod([int(v) for v in size], dtype=np.int64)) * item
+    have = p.stat().st_size
+    if have < need:
+        raise InputError(f"cannot read {p}: the file is truncated ({have:,} of the {need:,} bytes its header "
+                         "declares)")
+
+
 def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any], list[str]]:
     import SimpleITK as sitk
 
@@ -199,6 +229,7 @@ def _read_file(p: Path) -> tuple[SimpleITK.Image, str, dict[str, Any], list[str]
             f"{p} has {reader.GetNumberOfComponents()} values per voxel (vector/RGB pixels); "
             "give a scalar (grey-level) volume"
         )
+    _check_declared_size(p, size, reader.GetPixelID(), kind)
     if kind in ("NIfTI", "NIfTI pair"):
         _check_nifti_forms(p)  # from the header alone: before the voxels are read
     try:
@@ -921,6 +952,7 @@ def _read_dicom_folder(folder: Path) -> tuple[SimpleITK.Image, str, dict[str, An
                  folder, len(series), chosen, len(files), listed)
         notes.append(f"{folder.name} holds {len(series)} DICOM series; read {_describe_series(chosen, files)}, "
                      f"the one with the most images; not read: {listed}")
+    check_voxel_count(folder, (files[0].columns or 1, files[0].rows or 1, len(files)))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f.path) for f in files])
     # ITK takes the pixel type from the first slice: with per-slice (PET-like) fractional or differing
