@@ -27,6 +27,7 @@ from typing import Any
 from medreasoner.constants import (  # noqa: F401 - re-exported for scripts and tests
     DEFAULT_CRM,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_OPENAI_BASE_URL,
     EXIT_CANCELLED,
     EXIT_INPUT,
     EXIT_MODEL,
@@ -41,8 +42,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crm", default=DEFAULT_CRM, help=f"CRM folder or hub id (default {DEFAULT_CRM})")
     p.add_argument("--crm-backend", default="transformers",
                    help="CRM backend: transformers (local/hub checkpoint) or openai (a chat endpoint)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
-                   help="with --crm-backend openai: the OpenAI-compatible endpoint (vLLM, SGLang, hosted)")
+    p.add_argument("--base-url", default=None,
+                   help="with --crm-backend openai: the OpenAI-compatible endpoint (vLLM, SGLang, hosted; "
+                        f"default {DEFAULT_OPENAI_BASE_URL})")
     p.add_argument("--asm", default="litemedsam", help="ASM name: litemedsam, medsam2, sam2 (default litemedsam)")
     p.add_argument("--asm-checkpoint", default=None, help="ASM weights: a file, or hub 'repo:file'")
     p.add_argument("--prompt", choices=["reasoning", "direct"], default="reasoning")
@@ -210,6 +212,12 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+# What the tool adds below an output folder, at most: a case name (an input file name, up to 255),
+# the work area and staging name (~60) and the longest file name (~20). Checked up front: found
+# after the models loaded and the case ran otherwise.
+OUTPUT_PATH_RESERVE = 340
+
+
 def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     """The output folder ``path``, refused (``InputError``, exit 2) when it cannot be created or written:
     a file in its place or as a parent, a name longer than the file system allows, a folder this user
@@ -221,9 +229,10 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
         raise InputError(f"{option} is empty; give a folder")
     out = Path(text).expanduser()
     target = out.absolute()
-    if len(os.fsencode(target)) >= 4096:
+    if len(os.fsencode(target)) + OUTPUT_PATH_RESERVE >= 4096:
         raise InputError(f"cannot create {option} {_short(text)}: the path is {len(os.fsencode(target))} bytes "
-                         "long, more than the 4095 the system allows")
+                         f"long; with the up to {OUTPUT_PATH_RESERVE} the results add (case folder, work area, file "
+                         "names) it passes the 4095 the system allows")
     parent, missing = target, []
     while not os.path.lexists(parent):
         missing.append(parent.name)
@@ -399,7 +408,12 @@ def model_options(args, device: str | None = None):
     device must exist here (a bundle config may name one it is only parsed without)."""
     from medreasoner.models.loading import ModelOptions, check_device_present
 
-    options = ModelOptions(crm=args.crm, crm_backend=args.crm_backend, base_url=args.base_url, asm=args.asm,
+    base_url = getattr(args, "base_url", None)
+    if base_url is not None and args.crm_backend == "transformers":
+        raise InputError("--base-url only applies to a served CRM (--crm-backend openai); the transformers backend "
+                         "runs the model here")
+    options = ModelOptions(crm=args.crm, crm_backend=args.crm_backend,
+                           base_url=DEFAULT_OPENAI_BASE_URL if base_url is None else base_url, asm=args.asm,
                            asm_checkpoint=args.asm_checkpoint, device=device or args.device,
                            image_size=args.image_size, batch_size=args.batch_size,
                            asm_batch_size=args.asm_batch_size, max_new_tokens=args.max_new_tokens,

@@ -473,6 +473,19 @@ class TestModelOptions:
                      "none"]) == EXIT_INPUT
         _one_line_error(capsys.readouterr().err, f"image file not found: {tmp_path / 'missing.png'}")
 
+    def test_base_url_with_the_local_backend_is_refused(self, tmp_path, no_model_loads, capsys):
+        assert main(["ground", "--image", str(_png(tmp_path / "x.png")), "--query", QUERY, "--out",
+                     str(tmp_path / "o"), "--base-url", "http://127.0.0.1:9/v1"]) == EXIT_INPUT
+        _one_line_error(capsys.readouterr().err, "--base-url only applies to a served CRM (--crm-backend openai)")
+
+    def test_an_output_folder_too_long_for_its_results_is_refused_up_front(self, tmp_path, no_model_loads, capsys):
+        deep = tmp_path
+        while len(str(deep)) < 3900:
+            deep = deep / ("d" * 200)
+        assert main(["ground", "--image", str(_png(tmp_path / "x.png")), "--query", QUERY, "--out", str(deep),
+                     "--crm-backend", "test-brightest", "--crm", "double"]) == EXIT_INPUT
+        _one_line_error(capsys.readouterr().err, "passes the 4095 the system allows")
+
     def test_the_worker_checks_the_same_options(self, tmp_path):
         p = _cli("worker", "--crm-backend", "test-brightest", "--crm", "double", "--device", "bogus",
                  "--plugins", str(TESTS / "doubles.py"))
@@ -576,17 +589,20 @@ class TestCheckpointFolder:
 
 
     @pytest.mark.slow  # imports transformers
-    @pytest.mark.parametrize("damage", ["chat template", "sidecar not JSON", "sidecar a list"])
+    @pytest.mark.parametrize("damage", ["chat template", "template without the image", "sidecar not JSON",
+                                        "sidecar a list"])
     def test_a_broken_template_or_sidecar_is_a_model_error_before_the_weights_load(self, damage, tmp_path):
         """Never a Jinja traceback at the first question, never a run with other settings than the
         checkpoint was trained with (the sidecar names its prompt and image size)."""
         from medreasoner.models.tiny import build_tiny_crm
 
         real = Path(build_tiny_crm(tmp_path / "tiny", format_steps=0))
-        needle = {"chat template": "chat template of CRM", "sidecar not JSON": "not JSON",
-                  "sidecar a list": "must hold a JSON object"}[damage]
+        needle = {"chat template": "chat template of CRM", "template without the image": "renders no image placeholder",
+                  "sidecar not JSON": "not JSON", "sidecar a list": "must hold a JSON object"}[damage]
         if damage == "chat template":
             (real / "chat_template.jinja").write_text("{% if %}")
+        elif damage == "template without the image":
+            (real / "chat_template.jinja").write_text("{{ messages[0]['content'] | map(attribute='type') | join }}")
         else:
             (real / "medreasoner_crm.json").write_text("not json" if damage == "sidecar not JSON" else "[1, 2]")
         p = _cli("ground", "--image", str(_png(tmp_path / "x.png")), "--query", QUERY, "--crm", str(real),

@@ -58,6 +58,11 @@ def test_parse_message_and_check_ground(tmp_path):
         with pytest.raises(InputError, match=why) as exc:
             check_ground({**good, **change})
         assert len(str(exc.value)) < 400  # a huge path is never echoed back whole
+    series = tmp_path / "series"  # a DICOM folder: results must not land among its slices (as the CLI)
+    series.mkdir()
+    for out_dir in (series, series / "out"):
+        with pytest.raises(InputError, match="is inside the input folder"):
+            check_ground({**good, "input": str(series), "out_dir": str(out_dir)})
 
 
 class _LineSink:

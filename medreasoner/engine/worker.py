@@ -101,6 +101,10 @@ def check_ground(msg: dict[str, Any]) -> GroundRequest:
         raise InputError("'out_dir' must be the folder to write results into")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise InputError(f"out_dir {out_dir} exists and is not a folder")
+    if Path(source).is_dir():  # a DICOM series folder: our files would land among its slices
+        from medreasoner.engine.output_sets import check_output_root
+
+        check_output_root(Path(out_dir), [Path(source)])
     return GroundRequest(msg["id"], source, queries, run_options, Path(out_dir))
 
 

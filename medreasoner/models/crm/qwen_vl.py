@@ -199,10 +199,16 @@ class QwenVLCRM(CRM):
         from medreasoner.models.prompts import messages_for
 
         try:
-            self.processor.apply_chat_template(messages_for("check"), tokenize=False, add_generation_prompt=True)
+            text = self.processor.apply_chat_template(messages_for("check"), tokenize=False,
+                                                      add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 - Jinja syntax/undefined errors and a missing template alike
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"the chat template of CRM {self.model_id} cannot be rendered: {first}") from exc
+        token = getattr(self.processor, "image_token", None)
+        if isinstance(text, str) and isinstance(token, str) and token not in text:
+            # the processor would then fail on every question ("0 image tokens and 1 images")
+            raise ModelLoadError(f"the chat template of CRM {self.model_id} renders no image placeholder "
+                                 f"({token}); it must place the image in the user turn")
 
     def _check_image_size(self) -> None:
         """Warn when the requested square is above this checkpoint's processor cap: the processor
