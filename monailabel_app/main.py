@@ -24,6 +24,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from fastapi import HTTPException
 from lib.configs import MedReasonerConfig
 from lib.endpoint import install as install_infer_route
+from lib.infers.medreasoner import public_models
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -79,7 +80,7 @@ class MedReasonerApp(MONAILabelApp):
     def info(self):
         meta = super().info()
         models = self.task_config.models
-        meta["medreasoner"] = {"crm": models.crm.describe(), "asm": models.asm.describe(),
+        meta["medreasoner"] = {"crm": public_models(models.crm.describe()), "asm": public_models(models.asm.describe()),
                                "tiny_test_model": models.is_tiny, "plugins": self.task_config.plugins,
                                "max_concurrent": self.max_concurrent, "threaded_infer_route": self.route_installed}
         return meta

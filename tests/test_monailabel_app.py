@@ -440,8 +440,10 @@ def test_real_tiny_qwen_crm_answers_over_http(qwen_server, files, tmp_path):
     assert "/" not in str(record["asm"].get("checkpoint") or "")
     import requests
 
-    described = requests.get(qwen_server.url + "/info/", timeout=30).json()["models"][TASK]["description"]
+    info = requests.get(qwen_server.url + "/info/", timeout=30).json()
+    described = info["models"][TASK]["description"]
     assert str(tmp_path.anchor) + "tmp" not in described and "CRM crm " in described
+    assert info["medreasoner"]["crm"]["model"] == "crm" and "/" not in str(info["medreasoner"]["asm"]["checkpoint"])
     assert np.asarray(Image.open(io.BytesIO(data))).shape == (56, 64)
 
 
