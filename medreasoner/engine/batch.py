@@ -109,7 +109,11 @@ def _run(session: Session, cases: Sequence[Case], out: Path, dirs: list[Path], o
             "%s: %s %s", summary.input, summary.status, summary.message)
 
     def error(i: int, exc: Exception) -> CaseSummary:
-        return CaseSummary(_source_path(cases[i].source), cases[i].query, Status.ERROR, str(exc), str(dirs[i]))
+        src = _source_path(cases[i].source)
+        message = str(exc)
+        if src and message.startswith(f"{src}: "):  # the summary names the input already
+            message = message[len(src) + 2:]
+        return CaseSummary(src, cases[i].query, Status.ERROR, message, str(dirs[i]))
 
     def write(i: int, result) -> None:
         src = _source_path(cases[i].source)
@@ -150,8 +154,7 @@ def _run(session: Session, cases: Sequence[Case], out: Path, dirs: list[Path], o
                 if len(pending_2d) >= batch:
                     flush_2d()
         except (InputError, ValueError) as exc:
-            log.error("%s: %s", _source_path(case.source), exc)
-            finish(i, error(i, exc))
+            finish(i, error(i, exc))  # logged there, once
     flush_2d()
     return [s for s in summaries if s is not None]
 
