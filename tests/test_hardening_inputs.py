@@ -153,6 +153,9 @@ def test_non_dicom_entries_never_change_the_slices(tmp_path):
     assert vol.image.GetSpacing() == clean.image.GetSpacing()
     np.testing.assert_array_equal(vol.array, clean.array)
     assert vol.warnings == [] and vol.metadata["n_series_in_folder"] == 1
+    # and every entry that was not read is named in the record, so a reader can check it
+    assert vol.metadata["ignored_files"] == [".DS_Store", "._IM0001.dcm", "README.txt", "loop", "pipe", "thumbs/"]
+    assert vol.metadata["n_ignored_files"] == 6
 
 
 def test_non_image_dicom_objects_are_skipped_and_listed(tmp_path):

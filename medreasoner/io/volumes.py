@@ -743,14 +743,15 @@ def _scalar(value: Any, default: float) -> float:
     return out if math.isfinite(out) else default
 
 
-def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[str]]:
+def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[str], list[str]]:
     """The image files of each series in ``folder`` (sub-folders are not searched), from their headers.
 
     Only regular, non-hidden files are candidates: folders, FIFOs, devices, sockets, ``.DS_Store`` and
     AppleDouble ``._*`` files never are, so they cannot change which slices are used (GDCM's own scan
     returns one file of a series when the folder holds a FIFO). A file that looks like DICOM (DICM
     preamble or .dcm/.dicom/.ima name) but cannot be read fails the read naming it: skipping it would
-    leave a silent gap. Non-image DICOM objects (DICOMDIR, SR, RT structure sets) are skipped and listed.
+    leave a silent gap. Non-image DICOM objects (DICOMDIR, SR, RT structure sets) are skipped and listed;
+    so is every other entry not read (the third list), for the record.
     """
     import pydicom
     from pydicom.uid import UID
@@ -761,9 +762,11 @@ def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[
         raise InputError(f"cannot list the DICOM folder {folder}: {exc.strerror or exc}") from exc
     series: dict[str, list[_DicomFile]] = {}
     skipped: list[str] = []
+    ignored: list[str] = []
     for entry in entries:
         name = entry.name
         if name.startswith("."):
+            ignored.append(name)
             continue
         path = Path(entry.path)
         try:
@@ -773,9 +776,11 @@ def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[
         if not regular:
             if entry.is_symlink() and name.lower().endswith(DICOM_FILE_SUFFIXES):
                 raise _damaged_member(name, folder, "a symlink to a missing file")
+            ignored.append(name + "/" if entry.is_dir() else name)
             continue
         looks = looks_like_dicom(path)
         if not looks and not _starts_like_raw_dicom(path):
+            ignored.append(name)
             continue  # README.txt, thumbnails, ...: not DICOM, never read
         try:  # force: DICOM files without the preamble exist; defer_size: never load big values of junk
             ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True, defer_size=4096)
@@ -797,6 +802,7 @@ def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged or foreign files
             if looks:
                 raise _damaged_member(name, folder, _first_line(exc)) from exc
+            ignored.append(name)
             continue
         if not is_image:
             if looks and not sop:
@@ -807,9 +813,10 @@ def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list[_DicomFile]], list[
         if missing:
             if looks:
                 raise _damaged_member(name, folder, f"no {', '.join(missing)}")
+            ignored.append(name)
             continue
         series.setdefault(found.series_uid, []).append(found)
-    return series, skipped
+    return series, skipped, ignored
 
 
 def _starts_like_raw_dicom(path: Path) -> bool:
@@ -923,7 +930,7 @@ def _read_dicom_folder(folder: Path) -> tuple[SimpleITK.Image, str, dict[str, An
     """
     import SimpleITK as sitk
 
-    series, skipped = _scan_dicom_folder(folder)
+    series, skipped, ignored = _scan_dicom_folder(folder)
     if not series:
         raise InputError(
             f"{folder} is a folder with no DICOM series in it (sub-folders are not searched); "
@@ -987,6 +994,9 @@ def _read_dicom_folder(folder: Path) -> tuple[SimpleITK.Image, str, dict[str, An
                                  "n_files": len(series[uid])} for uid in others]
     if skipped:
         meta["skipped_non_image_files"] = skipped[:20]
+    if ignored:  # hidden files, sub-folders, non-DICOM files: never read, named so a reader can check
+        meta["ignored_files"] = ignored[:20]
+        meta["n_ignored_files"] = len(ignored)
     return image, files[0].modality, meta, notes
 
 
