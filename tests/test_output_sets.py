@@ -282,3 +282,26 @@ def test_a_key_slice_with_every_slice_is_refused_for_every_front_end():
     for change in ({"key_slice": 3}, {"key_point": [0.0, 0.0, 0.0]}):
         with pytest.raises(InputError, match="only applies to the keyslice strategy"):
             RunOptions(strategy="slicewise", **change).checked()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_TMPFILE and /proc are Linux")
+def test_anonymous_files_get_their_name_in_one_step_for_root_and_ordinary_users(tmp_path):
+    """Both ways of naming a file written without a name (root's AT_EMPTY_PATH, an ordinary user's
+    /proc/self/fd): the name appears complete, and a taken name is never replaced."""
+    from medreasoner.io.files import anonymous_file, link_file, link_file_via_proc, write_fd
+
+    for link in (link_file, link_file_via_proc):
+        folder = tmp_path / link.__name__
+        folder.mkdir()
+        fd = anonymous_file(folder)
+        assert fd is not None
+        try:
+            write_fd(fd, b"complete")
+            assert not list(folder.iterdir())  # written, and still no name
+            link(fd, folder / "f.bin")
+            assert (folder / "f.bin").read_bytes() == b"complete"
+            with pytest.raises(FileExistsError):
+                link(fd, folder / "f.bin")
+        finally:
+            os.close(fd)
+

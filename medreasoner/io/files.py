@@ -41,18 +41,25 @@ def write_fd(fd: int, data: bytes) -> None:
 def link_file(fd: int, path: str | os.PathLike) -> None:
     """Give the anonymous file ``fd`` the name ``path`` in one step; FileExistsError if the name is taken."""
     libc = system_libc()
-    target = os.fsencode(str(path))
-    at_fdcwd, at_symlink_follow, at_empty_path = -100, 0x400, 0x1000
-    if libc is not None:
-        if libc.linkat(fd, b"", at_fdcwd, target, at_empty_path) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EPERM, errno.ENOENT, errno.EINVAL):  # those: no CAP_DAC_READ_SEARCH; try /proc
-            raise _os_error(err, path)
-        if libc.linkat(at_fdcwd, os.fsencode(f"/proc/self/fd/{fd}"), at_fdcwd, target, at_symlink_follow) == 0:
-            return
+    if libc is None:
+        raise OSError(errno.ENOSYS, "linkat is not available", str(path))
+    at_fdcwd, at_empty_path = -100, 0x1000
+    if libc.linkat(fd, b"", at_fdcwd, os.fsencode(str(path)), at_empty_path) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EPERM, errno.ENOENT, errno.EINVAL):
+        raise _os_error(err, path)
+    link_file_via_proc(fd, path)  # AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH: an ordinary user goes here
+
+
+def link_file_via_proc(fd: int, path: str | os.PathLike) -> None:
+    """``link_file`` for an ordinary user: linkat of ``/proc/self/fd/N`` with AT_SYMLINK_FOLLOW (what
+    Python's os.link does not do: it hard-links the /proc symlink itself and fails with EXDEV)."""
+    libc = system_libc()
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    if libc.linkat(at_fdcwd, os.fsencode(f"/proc/self/fd/{fd}"), at_fdcwd, os.fsencode(str(path)),
+                   at_symlink_follow) != 0:
         raise _os_error(ctypes.get_errno(), path)
-    raise OSError(errno.ENOSYS, "linkat is not available", str(path))
 
 
 def _os_error(err: int, path: Any) -> OSError:
