@@ -173,6 +173,16 @@ def assert_same(a: list[Sample], b: list[Sample]):
             assert t.mask.dtype == np.bool_ and (t.mask == s.mask).all()
 
 
+@pytest.mark.parametrize("bad_id", ["   ", " s1", "s1 ", "a\nb", "../s1", "a/b", ".."])
+def test_sample_ids_that_cannot_name_a_result_file_are_refused(tmp_path, rng, bad_id):
+    """Results are saved per id (masks/<id>.png): "   .png" or a name with a newline is no file to find."""
+    samples = make_samples(rng)
+    samples[1].id = bad_id
+    path = write_parquet(samples, tmp_path / "test.parquet")
+    with pytest.raises(InputError, match="cannot be used as a file name"):
+        load_samples(path)
+
+
 def test_parquet_round_trip_and_datasets_reads_it(tmp_path, rng):
     samples = make_samples(rng)
     path = write_parquet(samples, tmp_path / "out" / "test.parquet")

@@ -136,7 +136,8 @@ def _checked(stream: Iterable[Sample], where: str, limit: int | None) -> Iterato
     seen: set[str] = set()
     n = 0
     for s in stream:
-        if not s.id or s.id in (".", "..") or "/" in s.id or "\\" in s.id:
+        if (not s.id or not s.id.strip() or s.id != s.id.strip() or s.id in (".", "..") or "/" in s.id
+                or "\\" in s.id or any(ord(c) < 32 for c in s.id)):  # "   .png", "a\n.png": no file to find
             raise InputError(f"sample id {s.id!r} cannot be used as a file name (results are saved per id)")
         if s.id in seen:
             raise InputError(f"duplicate sample id {s.id!r} in {where}: ids must be unique")
