@@ -1,4 +1,4 @@
-"""Test double for the CRM: a deterministic stand-in where a test needs a known answer.
+"""Test doubles for the CRM and the ASM: deterministic stand-ins where a test needs a known answer.
 
 ``BrightestRegionCRM`` stands in for the Clinical Reasoning Module (a Qwen2.5-VL model). It answers
 every question with a box around the largest connected region among the brightest pixels of the
@@ -7,6 +7,9 @@ written in the CRM's real output format so the answer parser, the pixel mapping,
 the volume strategies all run for real. Images with no bright region get an empty answer
 (the engine then reports ``no_target``). It is registered as the CRM backend ``test-brightest``
 so the CLI and the bundle can select it in-process (``--crm-backend test-brightest``).
+
+``BoxASM`` stands in for the Anatomical Segmentation Module (LiteMedSAM, MedSAM2): the mask is the
+prompt box, edges included, so a run needs no segmenter weights (``--asm test-box``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from medreasoner.imaging.resize import ResizeMap
+from medreasoner.models.asm.base import ASM, SegmentResult
 from medreasoner.models.crm.base import CRM, CRMAnswer, answer_in_original_pixels
-from medreasoner.models.registry import CRMS
+from medreasoner.models.registry import ASMS, CRMS
 
 BACKEND = "test-brightest"
 
@@ -72,3 +76,23 @@ class BrightestRegionCRM(CRM):
 @CRMS.register(BACKEND, help="TEST DOUBLE: box around the brightest region (tests only)")
 def _make(**kwargs: Any) -> BrightestRegionCRM:
     return BrightestRegionCRM(**kwargs)
+
+
+class BoxASM(ASM):
+    """The prompt box as the mask (edges included), on the encoded image's grid."""
+
+    name = checkpoint = "test-box"
+
+    def encode(self, images):
+        return [np.asarray(im).shape[:2] for im in images]
+
+    def decode(self, embedding, box, points=None):
+        mask = np.zeros(embedding, bool)
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        mask[max(0, y1):y2 + 1, max(0, x1):x2 + 1] = True
+        return SegmentResult(mask, 1.0, "box")
+
+
+@ASMS.register(BoxASM.name, help="TEST DOUBLE: the box as the mask (tests only)")
+def _make_box_asm(**_: Any) -> BoxASM:
+    return BoxASM()

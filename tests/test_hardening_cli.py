@@ -40,14 +40,12 @@ QUERY = "Which structure would explain the pain?"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 # A slow CRM test double (the brightest-region double of tests/doubles.py, sleeping where a real model
-# loads and generates) and an ASM that returns the box as the mask: a signal can be timed into a model
-# load or a batch, and nothing needs weights.
+# loads and generates), used with doubles' box-as-mask ASM: a signal can be timed into a model load or
+# a batch, and nothing needs weights.
 PLUGIN = '''
 import logging, os, time
-import numpy as np
-from doubles import BrightestRegionCRM
-from medreasoner.models.asm.base import ASM, SegmentResult
-from medreasoner.models.registry import ASMS, CRMS
+from doubles import BrightestRegionCRM  # also registers the ASM double test-box
+from medreasoner.models.registry import CRMS
 
 log = logging.getLogger("slow_plugin")
 
@@ -67,25 +65,7 @@ class SlowCRM(BrightestRegionCRM):
         return super().answer_batch(images, questions, prompt)
 
 
-class BoxASM(ASM):
-    name = "test-box"
-    checkpoint = "test-box"
-
-    def __init__(self, **_):
-        pass
-
-    def encode(self, images):
-        return [np.asarray(im).shape[:2] for im in images]
-
-    def decode(self, embedding, box, points=None):
-        mask = np.zeros(embedding, bool)
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        mask[max(0, y1):y2 + 1, max(0, x1):x2 + 1] = True
-        return SegmentResult(mask, 1.0, "box")
-
-
 CRMS.register("test-slow", help="TEST: brightest-region double, slowly")(lambda **kw: SlowCRM(**kw))
-ASMS.register("test-box", help="TEST: the box as the mask")(lambda **kw: BoxASM(**kw))
 '''
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from doubles import BoxASM
 
 from medreasoner.constants import CRM_SIDECAR, EXIT_INPUT, EXIT_OK
 from medreasoner.errors import InputError, ModelLoadError
@@ -240,25 +241,6 @@ def test_qwen_crm_refuses_a_bad_sidecar_template_before_loading_weights(tmp_path
 # -------------------------------------------------------------------------------------- precedence
 
 
-class _BoxASM:
-    """The box as the mask: the session runs without a real segmenter."""
-
-    name, checkpoint, is_tiny, batch_size, video_propagation = "test-box", "", False, 1, False
-
-    def encode(self, images):
-        return [np.asarray(im).shape[:2] for im in images]
-
-    def decode(self, embedding, box, points=None):
-        from medreasoner.models.asm.base import SegmentResult
-
-        mask = np.zeros(embedding, bool)
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        mask[max(0, y1):y2 + 1, max(0, x1):x2 + 1] = True
-        return SegmentResult(mask, 1.0, "box")
-
-    def embedding_nbytes(self, embedding):
-        return 0
-
     def describe(self):
         return {"name": self.name, "tiny_test_model": False}
 
@@ -277,12 +259,12 @@ def test_precedence_explicit_file_then_sidecar_then_builtin(tmp_path, prompt_fil
     sidecar = PromptTemplate("From the checkpoint: {question}", "checkpoint:/ckpt/medreasoner_crm.json")
     options = ModelOptions(crm="double", crm_backend="test-brightest", asm="litemedsam")
     crm = _double()
-    assert prompt_record(load_models(options, crm=crm, asm=_BoxASM()).crm, "direct")["prompt_source"] == \
+    assert prompt_record(load_models(options, crm=crm, asm=BoxASM()).crm, "direct")["prompt_source"] == \
         "builtin:direct"
     crm.prompt_template = sidecar  # what QwenVLCRM reads from its sidecar while loading
-    assert load_models(options, crm=crm, asm=_BoxASM()).crm.prompt_template is sidecar
+    assert load_models(options, crm=crm, asm=BoxASM()).crm.prompt_template is sidecar
     options.prompt_file = str(prompt_file)
-    models = load_models(options, crm=crm, asm=_BoxASM())
+    models = load_models(options, crm=crm, asm=BoxASM())
     assert models.crm.prompt_template.source == f"file:{prompt_file.resolve()}"
     assert models.crm.prompt_text(QUERY, "reasoning") == _rendered()
 
@@ -314,7 +296,7 @@ def test_image_and_volume_records_carry_the_prompt_sha(tmp_path, prompt_file):
     from medreasoner.models.loading import Models
 
     crm = _double()
-    session = Session(Models(crm=crm, asm=_BoxASM()))
+    session = Session(Models(crm=crm, asm=BoxASM()))
     rec = session.ground_image(_png(tmp_path / "x.png"), QUERY).to_record()
     validate_record(rec)
     assert (rec["prompt"], rec["prompt_source"]) == ("reasoning", "builtin:reasoning")
@@ -449,12 +431,12 @@ def test_tiny_crm_reads_its_sidecar_template_and_the_file_wins(tmp_path, tiny_mo
     (crm_dir / CRM_SIDECAR).write_text(json.dumps({**sidecar, "prompt_file": "prompt.txt"}))
     _write(crm_dir / "prompt.txt", "Trained with: {question}\n")
     options = ModelOptions(crm=str(crm_dir), asm="litemedsam", device="cpu", max_new_tokens=8)
-    crm = load_models(options, asm=_BoxASM()).crm
+    crm = load_models(options, asm=BoxASM()).crm
     assert crm.prompt_info("reasoning") == {"prompt": "file", "prompt_sha256": _sha("Trained with: {question}"),
                                             "prompt_source": f"checkpoint:{crm_dir.resolve() / 'prompt.txt'}"}
     (text,) = crm._chat_texts([QUERY], "reasoning")
     assert f"Trained with: {QUERY}<|im_end|>" in text  # exactly the template, in the real chat template
     options.prompt_file = str(prompt_file)
-    crm = load_models(options, asm=_BoxASM()).crm
+    crm = load_models(options, asm=BoxASM()).crm
     assert crm.prompt_info("reasoning")["prompt_source"] == f"file:{prompt_file.resolve()}"
     assert _rendered() in crm._chat_texts([QUERY], "direct")[0]
