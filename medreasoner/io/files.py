@@ -215,26 +215,31 @@ def check_input_path(path: str | os.PathLike, what: str) -> os.stat_result:
     return st
 
 
-def read_text_file(path: str | os.PathLike, what: str, max_bytes: int) -> str:
+def read_text_file(path: str | os.PathLike, what: str, max_bytes: int,
+                   error: type[Exception] = InputError) -> str:
     """A small UTF-8 text file a user named (a question, a template): checked like any input path
     (a FIFO would block forever), at most ``max_bytes``, no NUL bytes; a leading BOM dropped and
-    Windows line ends read as ``\n``. InputError naming the problem otherwise."""
+    Windows line ends read as ``\n``. ``error`` (InputError unless the caller's failure is another
+    kind, a checkpoint's file say) naming the problem otherwise."""
     p = Path(path).expanduser()
-    st = check_input_path(p, what)
+    try:
+        st = check_input_path(p, what)
+    except InputError as exc:
+        raise error(str(exc)) from exc
     if stat.S_ISDIR(st.st_mode):
-        raise InputError(f"{what} {p} is a folder; give the file")
+        raise error(f"{what} {p} is a folder; give the file")
     if st.st_size > max_bytes:
-        raise InputError(f"{what} {p} is {st.st_size} bytes; at most {max_bytes} are accepted")
+        raise error(f"{what} {p} is {st.st_size} bytes; at most {max_bytes} are accepted")
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise InputError(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
+        raise error(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
     if b"\x00" in data:
-        raise InputError(f"{what} {p} is binary (it holds NUL bytes), not a text file")
+        raise error(f"{what} {p} is binary (it holds NUL bytes), not a text file")
     try:
         return data.decode("utf-8-sig").replace("\r\n", "\n")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{what} {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+        raise error(f"{what} {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
 
 def _shown(path: Path, n: int = 160) -> str:

@@ -22,7 +22,6 @@ used, placeholder included) and ``prompt_source`` (``builtin:NAME``, ``file:PATH
 from __future__ import annotations
 
 import hashlib
-import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,37 +132,13 @@ def check_template(text: str, where: str, error: type[Exception] = InputError) -
     return text
 
 
-def text_of_file(data: bytes, where: str, error: type[Exception] = InputError) -> str:
-    """A template file's bytes as the text used: UTF-8 (a leading BOM dropped), Windows line ends as
-    ``\\n``, and one final line end dropped (editors add it; prompts rarely end with one)."""
-    if len(data) > MAX_TEMPLATE_BYTES:
-        raise error(f"prompt file {where} is {len(data)} bytes; a template is at most {MAX_TEMPLATE_BYTES}")
-    if b"\x00" in data:
-        raise error(f"prompt file {where} is binary (it holds NUL bytes), not a text file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise error(f"prompt file {where} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
-    text = text.replace("\r\n", "\n")
+def _template_text(path: Path, error: type[Exception]) -> str:
+    """A template file as the text used: read as every user text file is (UTF-8, BOM dropped, Windows
+    line ends as ``\n``), and one final line end dropped (editors add it; prompts rarely end with one)."""
+    from medreasoner.io.files import read_text_file
+
+    text = read_text_file(path, "prompt file", MAX_TEMPLATE_BYTES, error)
     return text[:-1] if text.endswith("\n") else text
-
-
-def _read_bytes(path: Path, where: str, error: type[Exception]) -> bytes:
-    from medreasoner.io.files import check_input_path
-
-    try:
-        st = check_input_path(path, "prompt file")  # a FIFO would block the read forever
-    except InputError as exc:
-        raise error(str(exc)) from exc
-    if stat.S_ISDIR(st.st_mode):
-        raise error(f"prompt file {where} is a folder; give the template file")
-    try:
-        size = path.stat().st_size
-        if size > MAX_TEMPLATE_BYTES:
-            raise error(f"prompt file {where} is {size} bytes; a template is at most {MAX_TEMPLATE_BYTES}")
-        return path.read_bytes()
-    except OSError as exc:
-        raise error(f"cannot read prompt file {where}: {exc.strerror or exc}") from exc
 
 
 def load_prompt_file(path: str | Path) -> PromptTemplate:
@@ -172,8 +147,7 @@ def load_prompt_file(path: str | Path) -> PromptTemplate:
     if not text:
         raise InputError("the prompt file is empty; give the path of a template file")
     p = Path(text).expanduser()
-    data = _read_bytes(p, text, InputError)
-    body = check_template(text_of_file(data, text), text)
+    body = check_template(_template_text(p, InputError), text)
     return PromptTemplate(body, f"file:{p.resolve()}")
 
 
@@ -200,7 +174,7 @@ def checkpoint_template(folder: str | Path, sidecar: dict[str, Any],
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise error(f"{SIDECAR_FILE_KEY} in {where} must name a file inside the checkpoint folder, got {name!r}")
     path = root / name
-    body = check_template(text_of_file(_read_bytes(path, str(path), error), str(path), error), str(path), error)
+    body = check_template(_template_text(path, error), str(path), error)
     return PromptTemplate(body, f"checkpoint:{path}")
 
 
