@@ -92,10 +92,10 @@ def intensity_range(volume: Volume, window: Window | None) -> tuple[float, float
 def check_volume_window(volume: Volume, window: Window | None) -> None:
     """Refuse a window under which every voxel of ``volume`` would show as one grey level (the same
     rule and words as 2D, ``check_window_shows_data``); None (percentiles) always shows the data.
-    Reads the volume once, slab by slab (``finite_range``)."""
+    Uses the range the reader found; reads the volume once, slab by slab, only without one."""
     if window is None:
         return
-    lo, hi, _ = finite_range(volume.array)
+    lo, hi = volume.value_range if volume.value_range is not None else finite_range(volume.array)[:2]
     check_window_shows_data(window, lo, hi, volume.path or "volume")
 
 

@@ -66,6 +66,7 @@ class Volume:
     modality: str = ""
     warnings: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    value_range: tuple[float, float] | None = None  # finite min and max, found while checking it is not blank
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -129,14 +130,15 @@ def volume_from_image(image: SimpleITK.Image, path: str | None = None, modality:
         raise InputError(f"{where}: pixel type {image.GetPixelIDTypeAsString()} is not supported")
     if 0 in image.GetSize():
         raise InputError(f"{where}: volume is empty (size {tuple(image.GetSize())})")
-    lo, _, n_bad = check_not_blank(sitk.GetArrayViewFromImage(image), where, "volume")
+    lo, hi, n_bad = check_not_blank(sitk.GetArrayViewFromImage(image), where, "volume")
     notes = list(warnings or [])
     if n_bad:
         notes.append(nonfinite_warning(n_bad, "voxel"))
         log.warning("%s: %s", where, notes[-1])
     if not modality:
         modality = _guess_modality(image, float(lo))
-    return Volume(image=image, path=path, modality=modality, warnings=notes, metadata=dict(metadata or {}))
+    return Volume(image=image, path=path, modality=modality, warnings=notes, metadata=dict(metadata or {}),
+                  value_range=(float(lo), float(hi)))
 
 
 def _as_3d(image: SimpleITK.Image, where: str) -> SimpleITK.Image:
