@@ -26,6 +26,7 @@ table says how many are missing. Box IoU and pDice are always known for both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -290,13 +291,11 @@ def resume_run_key(session, options, protocol: str) -> str:
     opts = asdict(options)
     key = {"crm": crm, "asm": asm, "prompt": prompt_record(session.models.crm, options.prompt),
            "options": {k: opts[k] for k in ("prompt", "window", "keep_largest") if k in opts}, "protocol": protocol}
-    return _digest(json.dumps(key, sort_keys=True, default=str).encode())
+    return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def sample_key(sample) -> str:
     """The sample's content: image pixels, question, ground-truth box/points and mask."""
-    import hashlib
-
     h = hashlib.sha256()
     for arr in (sample.image, sample.mask):
         if arr is None:
@@ -307,12 +306,6 @@ def sample_key(sample) -> str:
             h.update(a.tobytes())
     h.update(json.dumps([sample.query, sample.ground_truth], sort_keys=True, default=str).encode())
     return "sha256:" + h.hexdigest()
-
-
-def _digest(data: bytes) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def run_shard(samples, session, out: Path, shard: Shard, options=None, events=None,

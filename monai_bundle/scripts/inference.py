@@ -137,6 +137,7 @@ def _checked(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # be code, so such a value is refused before anything runs; --query_file passes any text literally.
 CONFIG_SYNTAX_PREFIXES = ("$", "@", "%")
 TEXT_OPTIONS = ("query",)
+MAX_QUERY_FILE_BYTES = 1 << 20
 
 
 def refuse_config_syntax_in_text(argv: list[str] | None = None) -> None:
@@ -173,9 +174,6 @@ def query_from_file(path: Any) -> str | None:
     if not question:
         raise fail(f"query file {text} holds no question", EXIT_INPUT)
     return question
-
-
-MAX_QUERY_FILE_BYTES = 1 << 20
 
 
 def single_case(image: Any = None, query: Any = None, dataset_dir: Any = None,
